@@ -1,0 +1,91 @@
+"""The IMM schedule math (IMM_SPEC sections 1-4) against closed forms written out independently here."""
+
+import math
+
+import pytest
+import torch
+
+from imm_kernels import imm, schedules
+
+T = torch.linspace(0.0, 1.0, 101, dtype=torch.float64)
+
+
+def test_schedules_closed_forms():
+    inner = T[1:-1]
+    assert torch.allclose(schedules.alpha(inner, "fm"), 1 - inner)
+    assert torch.allclose(schedules.sigma(inner, "cosine"), torch.sin(math.pi * inner / 2))
+    for name in schedules.SCHEDULES:
+        eta = schedules.eta(inner, name)
+        assert torch.allclose(eta, schedules.sigma(inner, name) / schedules.alpha(inner, name))
+        assert torch.allclose(schedules.eta_inv(eta, name), inner)
+        assert torch.allclose(schedules.logsnr(inner, name), 2 * torch.log(1 / eta))
+
+
+@pytest.mark.parametrize("schedule", ["fm", "cosine"])
+@pytest.mark.parametrize("a,b", [(1, 5), (2, 4), (1, 4)])
+def test_time_weight_is_eq13_and_finite(schedule, a, b):
+    w = imm.time_weight(T, a=a, b=b, schedule=schedule)
+    assert torch.isfinite(w).all() and (w >= 0).all()
+    inner = T[1:-1]  # the textbook form, where it has no 0 * inf
+    lam = schedules.logsnr(inner, schedule)
+    h = 1e-6
+    dlam = (schedules.logsnr(inner + h, schedule) - schedules.logsnr(inner - h, schedule)) / (2 * h)
+    al, sg = schedules.alpha(inner, schedule), schedules.sigma(inner, schedule)
+    textbook = 0.5 * torch.sigmoid(b - lam) * (-dlam) * al**a / (al**2 + sg**2)
+    assert torch.allclose(w[1:-1], textbook, rtol=1e-6)
+
+
+def test_output_coefficients_match_spec_table():
+    s, t = torch.tensor([0.1, 0.3]), torch.tensor([0.6, 0.9])
+    c_skip, c_out = imm.output_coefficients(s, t, schedule="fm", param="simple_edm", sigma_data=0.5)
+    n2 = (1 - t) ** 2 + t**2
+    assert torch.allclose(c_skip, ((1 - t) * (1 - s) + t * s) / n2)
+    assert torch.allclose(c_out, -0.5 * (t - s) / n2.sqrt())
+    c_skip, c_out = imm.output_coefficients(s, t, schedule="fm", param="euler_fm", sigma_data=0.5)
+    assert torch.equal(c_skip, torch.ones(2)) and torch.allclose(c_out, -(t - s) * 0.5)
+    c_skip, c_out = imm.output_coefficients(s, t, schedule="fm", param="identity")
+    assert torch.allclose(c_skip, s / t) and torch.allclose(c_out, (1 - s) - s * (1 - t) / t)
+
+
+def test_kernel_bandwidth_spec_forms():
+    s, t = torch.tensor([0.1, 0.3]), torch.tensor([0.6, 0.9])
+    wt = imm.kernel_bandwidth(s, t, schedule="fm", param="simple_edm", sigma_data=0.5)
+    assert torch.allclose(wt, ((1 - t) ** 2 + t**2).sqrt() / (0.5 * (t - s)))
+    wt = imm.kernel_bandwidth(s, t, schedule="fm", param="euler_fm", sigma_data=0.5)
+    assert torch.allclose(wt, 1 / ((t - s) * 0.5))
+
+
+@pytest.mark.parametrize("schedule", ["fm", "cosine"])
+def test_r_from_st(schedule):
+    t = torch.tensor([0.2, 0.5, 0.9, 0.994], dtype=torch.float64)
+    s = torch.tensor([0.0, 0.1, 0.89999, 0.5], dtype=torch.float64)
+    k, T_max = 10, schedules.DEFAULT_T[schedule]
+    r = imm.r_from_st(s, t, k=k, schedule=schedule)
+    step = (schedules.eta(T_max, schedule) - schedules.eta(0.0, schedule)) / 2**k
+    expected = torch.maximum(s, schedules.eta_inv(schedules.eta(t, schedule) - step, schedule))
+    assert torch.allclose(r, expected)
+    assert (s <= r).all() and (r <= t).all() and r[2] == s[2]  # the clamp to s where the step overshoots
+    r_fp16 = imm.r_from_st(s, t, k=30, schedule=schedule, delta=1e-3)
+    assert (r_fp16 <= torch.maximum(s, t - 1e-3)).all()
+
+
+def test_sample_times():
+    g = torch.Generator().manual_seed(0)
+    s, r, t = imm.sample_times(4096, schedule="fm", k=12, eps_t=0.006, generator=g)
+    assert s.dtype == torch.float32 and s.shape == (4096,)
+    assert (0.006 <= s).all() and (s <= r).all() and (r <= t).all() and (t <= 0.994).all()
+    assert abs(t.mean().item() - (0.006 + 0.994) / 2) < 0.02
+    s2, _, _ = imm.sample_times(4096, schedule="fm", k=12, eps_t=0.006, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(s, s2)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: imm.time_weight(0.5, schedule="ve"), ValueError, "schedule must be one of"),
+    (lambda: imm.sample_times(0), ValueError, "num_groups must be >= 1"),
+    (lambda: imm.sample_times(4, T=0.5, eps_t=0.6), ValueError, "0 <= eps_t < T <= 1"),
+    (lambda: imm.kernel_bandwidth(0.1, 0.5, param="euler_fm", schedule="cosine"), ValueError, "euler_fm"),
+    (lambda: imm.r_from_st(0.1, 0.5, T=2.0), ValueError, "0 <= eps_t < T <= 1"),
+])
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
