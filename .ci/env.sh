@@ -8,10 +8,16 @@ if [ ! -x "$IMM_VENV/bin/python" ]; then
   python3 -m venv "$IMM_VENV"
 fi
 PY="$IMM_VENV/bin/python"
-# torch 2.13.0 CPU and triton 3.7.1 (the version torch 2.13 pins) are pinned so a fresh machine never pulls a CUDA build.
-"$PY" -m pip install -q --disable-pip-version-check -r "$IMM_ROOT/tests/requirements.txt" 2>&1 \
-  | grep -v "is neither a file nor a directory" || true
-"$PY" -m pip install -q --disable-pip-version-check --no-build-isolation -e "$IMM_ROOT" 2>&1 \
-  | grep -v "is neither a file nor a directory" || true
-"$PY" -c "import imm_kernels._C" # fail here, with the import error, if the build did not produce the extension
+
+pip_install() {  # pip's exit status, without this machine's notes about local index folders
+  "$PY" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "is neither a file nor a directory" >&2)
+}
+
+# torch 2.13.0 CPU and triton 3.7.1 (the version torch 2.13 pins) are pinned: a fresh machine never pulls a CUDA build.
+pip_install -r "$IMM_ROOT/tests/requirements.txt"
+if [ -f "$IMM_ROOT/examples/requirements.txt" ]; then
+  pip_install -r "$IMM_ROOT/examples/requirements.txt"
+fi
+pip_install --no-build-isolation -e "$IMM_ROOT"
+"$PY" -c "import imm_kernels._C"  # fail here, with the import error, if the build made no extension
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

@@ -1,6 +1,8 @@
 """Whatever the Python layer lets through, the native backends return (never crash) with the right shapes,
 finite results on finite moderate inputs, and agree with the float64 reference there."""
 
+import os
+
 import pytest
 import torch
 from conftest import BACKEND_CASES
@@ -10,6 +12,8 @@ from hypothesis import strategies as st
 import imm_kernels
 from imm_kernels import reference
 
+# IMM_FUZZ_EXAMPLES=2000 for a longer hunt than CI's.
+EXAMPLES = int(os.environ.get("IMM_FUZZ_EXAMPLES", "60"))
 SPECIAL = [0.0, -0.0, 1e-30, -1e-30, 1e30, float("nan"), float("inf"), -float("inf")]
 
 
@@ -36,7 +40,7 @@ def mmd_problems(draw):
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(problem=mmd_problems())
 def test_mmd_never_crashes(device, backend, problem):
     grad = problem.pop("grad")

@@ -28,12 +28,19 @@ IMM_HD T laplace_psi(T d, T c, T eps) {
   return d <= eps ? T(0) : -c * exp_(-c * d) / d;
 }
 
+// exp(-xa) - exp(-xb), given gap = xb - xa accurately: expm1 where the two are close (the difference would
+// cancel), the plain difference elsewhere (where expm1 could overflow against an underflowed exp).
+template <class T>
+IMM_HD T exp_difference(T xa, T xb, T gap) {
+  return (gap < T(0.5) && gap > T(-0.5)) ? -exp_(-xa) * expm1_(-gap) : exp_(-xa) - exp_(-xb);
+}
+
 template <class T>
 IMM_HD PairTerms<T> pair_terms(Kernel kernel, T a2, T b2, T delta, T c, T eps) {
   PairTerms<T> r;
   if (kernel == Kernel::rbf) {  // phi = exp(-c d^2)
     r.phi_a = exp_(-c * a2);
-    r.dphi = -r.phi_a * expm1_(-c * delta);
+    r.dphi = exp_difference(c * a2, c * b2, c * delta);
     r.psi_a = T(-2) * c * r.phi_a;
     r.dpsi = T(-2) * c * r.dphi;
     return r;
@@ -45,12 +52,13 @@ IMM_HD PairTerms<T> pair_terms(Kernel kernel, T a2, T b2, T delta, T c, T eps) {
     const T ac = a < eps ? eps : a, bc = b < eps ? eps : b;
     const bool both_live = !(a <= eps) && !(b <= eps);
     const T gap = both_live ? b_minus_a : bc - ac;
+    const T cgap = c * gap;
     r.phi_a = exp_(-c * ac);
-    r.dphi = -r.phi_a * expm1_(-c * gap);
+    r.dphi = exp_difference(c * ac, c * bc, cgap);
     r.psi_a = laplace_psi(a, c, eps);
-    // psi(a) - psi(b) = psi(a) (1 - e^{-c gap} a / b), expanded so nothing cancels.
-    r.dpsi = both_live ? r.psi_a * (-expm1_(-c * gap) + (gap / b) * exp_(-c * gap))
-                       : r.psi_a - laplace_psi(b, c, eps);
+    // Close distances: psi(a) - psi(b) = psi(a) (1 - e^{-c gap} a / b), expanded so nothing cancels.
+    const bool close = both_live && cgap < T(0.5) && cgap > T(-0.5);
+    r.dpsi = close ? r.psi_a * (-expm1_(-cgap) + (gap / b) * exp_(-cgap)) : r.psi_a - laplace_psi(b, c, eps);
     return r;
   }
   // energy: phi = -d
