@@ -14,8 +14,10 @@
 namespace imm::cpu {
 namespace {
 
-constexpr int64_t kTile = 64;                // features per tile: 3 x M rows of it stay in L1
+constexpr int64_t kTile = 256;               // features per tile: 3 x M rows of it stay in L1 or L2
 constexpr int64_t kMinSplitFeatures = 4096;  // a thread's share of D is never smaller than this
+constexpr int64_t kCacheLine = 64;
+constexpr int64_t kLanes = 16;               // partial sums per pair statistic: one AVX-512 register of floats
 
 // Stats of one group over a feature range, 5 blocks of M*M, per ordered pair (i, j):
 enum StatBlock : int64_t { kTT = 0, kRR = 1, kTR = 2, kDT = 3, kDR = 4, kStatBlocks = 5 };
@@ -39,47 +41,97 @@ inline void load_tile(const MmdProblem& p, int64_t g, int64_t d0, int64_t n, Acc
       yi[c] = load<Acc>(rr[c]);
     }
     for (int64_t c = n; c < kTile; ++c) xi[c] = yi[c] = Acc(0);
+    // The next tile of these rows arrives while this one is computed on (the rows are separate streams).
+    for (int64_t c = kTile; c < 2 * kTile && d0 + c < p.features; c += kCacheLine / int64_t(sizeof(In))) {
+      __builtin_prefetch(rt + c);
+      __builtin_prefetch(rr + c);
+    }
 #pragma omp simd
     for (int64_t c = 0; c < kTile; ++c) di[c] = xi[c] - yi[c];
   }
 }
 
+// Adds kLanes partial sums to their slots in `lanes`.
+template <class Acc>
+inline void add_lanes(Acc* lanes, int64_t slot, const Acc* sums) {
+  Acc* out = lanes + slot * kLanes;
+#pragma omp simd
+  for (int64_t l = 0; l < kLanes; ++l) out[l] += sums[l];
+}
+
 template <class In, class Acc>
 IMM_CPU_CLONES void accumulate_range(const MmdProblem& p, int64_t g, int64_t d_begin, int64_t d_end, Acc* tile,
-                                     Acc* stats) {
+                                     Acc* lanes, Acc* stats) {
   const int64_t m = p.group_size, mm = m * m;
   Acc* x = tile;
   Acc* y = tile + m * kTile;
   Acc* dl = tile + 2 * m * kTile;
-  std::fill(stats, stats + kStatBlocks * mm, Acc(0));
+  // Per-lane partial sums over the whole range (kept in registers within a tile): one horizontal reduction
+  // per group instead of one per tile and pair.
+  std::fill(lanes, lanes + kStatBlocks * mm * kLanes, Acc(0));
   for (int64_t d0 = d_begin; d0 < d_end; d0 += kTile) {
     load_tile<In>(p, g, d0, std::min(kTile, d_end - d0), x, y, dl);
     for (int64_t i = 0; i < m; ++i) {
       const Acc* xi = x + i * kTile;
       const Acc* yi = y + i * kTile;
-      for (int64_t j = 0; j < m; ++j) {
+      const Acc* di = dl + i * kTile;
+      // The pair (i, i): |t_i - r_i|^2 is also both of its deltas; the self-distances are 0, computed all the
+      // same so that an infinite feature gives NaN as in the reference.
+      Acc own[kLanes] = {}, self_t[kLanes] = {}, self_r[kLanes] = {};
+      for (int64_t c0 = 0; c0 < kTile; c0 += kLanes) {
+#pragma omp simd
+        for (int64_t l = 0; l < kLanes; ++l) {
+          const int64_t c = c0 + l;
+          const Acc st = xi[c] - xi[c], sr = yi[c] - yi[c];
+          own[l] += di[c] * di[c];
+          self_t[l] += st * st;
+          self_r[l] += sr * sr;
+        }
+      }
+      for (const StatBlock b : {kTR, kDT, kDR}) add_lanes(lanes, b * mm + i * m + i, own);
+      add_lanes(lanes, kTT * mm + i * m + i, self_t);
+      add_lanes(lanes, kRR * mm + i * m + i, self_r);
+      // Both orders of each pair i < j from the same four exact differences.
+      for (int64_t j = i + 1; j < m; ++j) {
         const Acc* xj = x + j * kTile;
         const Acc* yj = y + j * kTile;
         const Acc* dj = dl + j * kTile;
-        Acc tt = 0, rr = 0, tr = 0, dt = 0, dr = 0;
-#pragma omp simd reduction(+ : tt, rr, tr, dt, dr)
-        for (int64_t c = 0; c < kTile; ++c) {
-          const Acc u = xi[c] - yj[c], v = xi[c] - xj[c];  // t_i - r_j, t_i - t_j
-          const Acc w = yi[c] - yj[c], z = yi[c] - xj[c];  // r_i - r_j, r_i - t_j
-          tr += u * u;
-          tt += v * v;
-          rr += w * w;
-          dt += dj[c] * (u + v);
-          dr -= dj[c] * (w + z);
+        Acc tt[kLanes] = {}, rr[kLanes] = {}, tr_ij[kLanes] = {}, tr_ji[kLanes] = {};
+        Acc dt_ij[kLanes] = {}, dt_ji[kLanes] = {}, dr_ij[kLanes] = {}, dr_ji[kLanes] = {};
+        for (int64_t c0 = 0; c0 < kTile; c0 += kLanes) {
+#pragma omp simd
+          for (int64_t l = 0; l < kLanes; ++l) {
+            const int64_t c = c0 + l;
+            const Acc v = xi[c] - xj[c], w = yi[c] - yj[c];      // t_i - t_j, r_i - r_j
+            const Acc u_ij = xi[c] - yj[c], u_ji = xj[c] - yi[c];  // t_i - r_j, t_j - r_i
+            tt[l] += v * v;
+            rr[l] += w * w;
+            tr_ij[l] += u_ij * u_ij;
+            tr_ji[l] += u_ji * u_ji;
+            dt_ij[l] += dj[c] * (u_ij + v);
+            dt_ji[l] += di[c] * (u_ji - v);
+            dr_ij[l] -= dj[c] * (w - u_ji);
+            dr_ji[l] += di[c] * (w + u_ij);
+          }
         }
-        const int64_t ij = i * m + j;
-        stats[kTT * mm + ij] += tt;
-        stats[kRR * mm + ij] += rr;
-        stats[kTR * mm + ij] += tr;
-        stats[kDT * mm + ij] += dt;
-        stats[kDR * mm + ij] += dr;
+        const int64_t ij = i * m + j, ji = j * m + i;
+        add_lanes(lanes, kTT * mm + ij, tt);
+        add_lanes(lanes, kTT * mm + ji, tt);
+        add_lanes(lanes, kRR * mm + ij, rr);
+        add_lanes(lanes, kRR * mm + ji, rr);
+        add_lanes(lanes, kTR * mm + ij, tr_ij);
+        add_lanes(lanes, kTR * mm + ji, tr_ji);
+        add_lanes(lanes, kDT * mm + ij, dt_ij);
+        add_lanes(lanes, kDT * mm + ji, dt_ji);
+        add_lanes(lanes, kDR * mm + ij, dr_ij);
+        add_lanes(lanes, kDR * mm + ji, dr_ji);
       }
     }
+  }
+  for (int64_t k = 0; k < kStatBlocks * mm; ++k) {
+    Acc total = 0;
+    for (int64_t l = 0; l < kLanes; ++l) total += lanes[k * kLanes + l];
+    stats[k] = total;
   }
 }
 
@@ -173,15 +225,16 @@ void run(const MmdProblem& p, int threads) {
   const int64_t span = ceil_div(ceil_div(d, feature_splits(g_count, d, threads)), kTile) * kTile;
   const int64_t splits = ceil_div(d, span);
   const int64_t stat_size = kStatBlocks * mm, coef_size = kCoefBlocks * mm, tile_size = (3 * m + 1) * kTile;
+  const int64_t lanes_size = stat_size * kLanes;
   std::vector<Acc> stats(g_count * splits * stat_size), coef(g_count * coef_size);
 
   if (splits == 1) {  // one thread per group, all passes while its rows are in cache
 #pragma omp parallel num_threads(threads)
     {
-      std::vector<Acc> tile(tile_size);
+      std::vector<Acc> tile(tile_size), lanes(lanes_size);
 #pragma omp for schedule(static)
       for (int64_t g = 0; g < g_count; ++g) {
-        accumulate_range<In>(p, g, 0, d, tile.data(), &stats[g * stat_size]);
+        accumulate_range<In>(p, g, 0, d, tile.data(), lanes.data(), &stats[g * stat_size]);
         finalize_group(p, g, 1, &stats[g * stat_size], &coef[g * coef_size]);
         if (want_grad) write_grad_range<In>(p, g, 0, d, &coef[g * coef_size], tile.data());
       }
@@ -191,11 +244,12 @@ void run(const MmdProblem& p, int threads) {
   const int64_t tasks = g_count * splits;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<Acc> tile(tile_size);
+    std::vector<Acc> tile(tile_size), lanes(lanes_size);
 #pragma omp for schedule(static)
     for (int64_t k = 0; k < tasks; ++k) {
       const int64_t g = k / splits, s = k % splits;
-      accumulate_range<In>(p, g, s * span, std::min(d, (s + 1) * span), tile.data(), &stats[k * stat_size]);
+      accumulate_range<In>(p, g, s * span, std::min(d, (s + 1) * span), tile.data(), lanes.data(),
+                           &stats[k * stat_size]);
     }
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < g_count; ++g)
