@@ -1,0 +1,1 @@
+"""pytest benchmarks/ for imm_kernels; `python -m benchmarks.report RUN.json` turns a run into tables and plots."""

@@ -1,0 +1,87 @@
+"""One whole IMM training step (interpolate_pair, two network passes, imm_output, mmd_loss, backward,
+AdamW) with a small MLP on flattened 3x32x32 images, every IMM op on one imm_kernels backend or on the
+eager reference. Shows what the fused ops are worth where the network is small."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import imm_kernels
+from imm_kernels import imm, reference
+
+from .harness import DEVICES, SMOKE, peak_extra_bytes, record, sync, time_ms
+
+FEATURES, GROUP = 3 * 32 * 32, 4
+BATCH = {"cuda": 4096, "cpu": 256}
+if SMOKE:
+    BATCH = {device: 16 for device in BATCH}
+
+
+def make_step(ops, net, optimizer):
+    """The IMM step of IMM_SPEC section 4 written against `ops` (imm_kernels with a backend, or the reference)."""
+
+    def step(x, noise, s, r, t):
+        x_t, x_r = ops.interpolate_pair(x, noise, t, r)
+        y_t = ops.imm_output(x_t, net(x_t), s, t)
+        with torch.no_grad():
+            y_r = ops.imm_output(x_r, net(x_r), s, r)
+        bandwidth = imm.kernel_bandwidth(s[::GROUP], t[::GROUP])
+        weight = imm.time_weight(t[::GROUP])
+        loss = ops.mmd_loss(y_t, y_r, GROUP, bandwidth=bandwidth, weight=weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+class BackendOps:
+    """imm_kernels' ops with the backend fixed, in the reference module's call shape."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def __getattr__(self, name):
+        fn = getattr(imm_kernels, name)
+        return lambda *args, **kwargs: fn(*args, backend=self.backend, **kwargs)
+
+
+def providers(device: str) -> list[str]:
+    native = [f"imm_{b}" for b in imm_kernels.available_backends(device) if b not in ("reference", "triton")
+              or device == "cuda"]
+    return native + ["eager"]
+
+
+CASES = [pytest.param(d, p, id=f"{d}-{p}") for d in DEVICES for p in providers(d)]
+
+
+@pytest.mark.parametrize("device,provider", CASES)
+def test_train_step(benchmark, device, provider):
+    batch = BATCH[device]
+    torch.manual_seed(0)
+    data = torch.randn(batch, FEATURES, device=device) * 0.5
+    noise = torch.randn_like(data) * 0.5
+    s, r, t = (v.repeat_interleave(GROUP) for v in imm.sample_times(batch // GROUP, device=device))
+
+    def fresh_step(ops):
+        torch.manual_seed(1)
+        net = torch.nn.Sequential(torch.nn.Linear(FEATURES, 512), torch.nn.SiLU(),
+                                  torch.nn.Linear(512, FEATURES)).to(device)
+        return make_step(ops, net, torch.optim.AdamW(net.parameters(), lr=1e-4))
+
+    ops = reference if provider == "eager" else BackendOps(provider.removeprefix("imm_"))
+    step = fresh_step(ops)
+    got = step(data, noise, s, r, t)
+    want = fresh_step(reference)(data, noise, s, r, t)
+    if abs(got.item() - want.item()) > 1e-4 * abs(want.item()):
+        pytest.fail(f"{provider}: loss {got.item()} differs from the reference's {want.item()}")
+    inputs = [(data, noise, s, r, t)]
+    median = time_ms(lambda a: step(*a), inputs, device)
+    peak = peak_extra_bytes(lambda: step(*inputs[0]), device)
+    benchmark.pedantic(lambda: (step(*inputs[0]), sync(device)), rounds=1 if SMOKE else 3, iterations=1)
+    tensor = batch * FEATURES * 4
+    record(benchmark, device=device, provider=provider, op="imm_train_step", mode="step",
+           shape=(batch // GROUP, GROUP, FEATURES), dtype=torch.float32, median_ms=median, min_bytes=2 * tensor,
+           peak_bytes=peak, input_bytes=2 * tensor)

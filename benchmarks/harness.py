@@ -1,0 +1,109 @@
+"""What every benchmark shares: devices and sizes, honest timing (warm-up, medians, CUDA events, inputs
+rotated out of L2), peak extra memory, the copy-bandwidth ceiling measured in the same run, and the
+extra_info each result carries into pytest-benchmark's JSON."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from functools import cache
+
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+#: IMM_BENCH_SIZE=smoke runs tiny shapes and one repetition: the CI guard against rot, not a measurement.
+SMOKE = os.environ.get("IMM_BENCH_SIZE", "full") == "smoke"
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}, CUDA {torch.version.cuda}"
+    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def time_ms(run, inputs: list, device: str, *, repeats: int | None = None) -> float:
+    """Median milliseconds of run(inputs[k]) cycling over the input sets (so GPU runs do not hit a warm L2),
+    after a warm-up; CUDA events on GPUs, perf_counter on CPUs."""
+    repeats = repeats or (1 if SMOKE else (30 if device == "cuda" else 7))
+    run(inputs[0])  # warm-up: allocation, compilation, caches
+    sync(device)
+    times = []
+    for k in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run(inputs[k % len(inputs)])
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            run(inputs[k % len(inputs)])
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_bytes(run, device: str) -> int | None:
+    """Memory the call needs beyond what is allocated before it: the CUDA caching allocator's peak on GPUs,
+    the process's peak resident set (reset through /proc/self/clear_refs) on Linux CPUs."""
+    sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run()
+        sync(device)
+        return torch.cuda.max_memory_allocated() - before
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+        before = _rss_bytes("VmRSS:")
+        run()
+        return _rss_bytes("VmHWM:") - before
+    except OSError:
+        return None
+
+
+@cache
+def copy_bandwidth(device: str) -> float:
+    """Bytes per second of a large device copy (bytes read + bytes written), measured once per run."""
+    numel = (2**26 if device == "cuda" else 2**24) // (16 if SMOKE else 1)
+    sources = [torch.randn(numel, device=device) for _ in range(2)]
+    destination = torch.empty_like(sources[0])
+    ms = time_ms(lambda s: destination.copy_(s), sources, device)
+    return 2 * numel * 4 / (ms / 1e3)
+
+
+def input_sets(make, device: str, bytes_per_set: int) -> list:
+    """Enough independent input sets that cycling through them defeats the GPU's L2 (one set on CPUs)."""
+    if device != "cuda":
+        return [make()]
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
+    return [make() for _ in range(max(1, min(4, -(-4 * l2 // bytes_per_set))))]
+
+
+def record(benchmark, *, device: str, provider: str, op: str, mode: str, shape: tuple, dtype: torch.dtype,
+           median_ms: float, min_bytes: int, peak_bytes: int | None, input_bytes: int) -> None:
+    """Puts one result's derived numbers into pytest-benchmark's extra_info (the report reads them)."""
+    ceiling = copy_bandwidth(device)
+    achieved = min_bytes / (median_ms / 1e3)
+    benchmark.extra_info.update(
+        op=op, mode=mode, device=device, provider=provider, shape=list(shape), dtype=str(dtype).replace("torch.", ""),
+        machine=machine(device), threads=torch.get_num_threads(), median_ms=median_ms, min_bytes=min_bytes,
+        achieved_gbps=achieved / 1e9, copy_gbps=ceiling / 1e9, roofline_pct=100 * achieved / ceiling,
+        peak_extra_bytes=peak_bytes, peak_over_inputs=None if peak_bytes is None else peak_bytes / input_bytes)

@@ -1,0 +1,114 @@
+"""Markdown tables and a plot from a pytest-benchmark JSON file written by `pytest benchmarks/
+--benchmark-json RUN.json`:  python -m benchmarks.report RUN.json [--plot RUN.png]
+
+Per op, mode, device and dtype: one row per shape, the median time of each provider, and for the
+imm_kernels providers the speedup over the eager reference and over torch.compile of it (same run), the
+achieved bandwidth as a share of the device copy bandwidth measured in that run, and peak extra memory
+over the input bytes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+
+def load(path: str) -> tuple[list[dict], dict]:
+    with open(path) as f:
+        run = json.load(f)
+    results = [b["extra_info"] for b in run["benchmarks"] if "median_ms" in b.get("extra_info", {})]
+    return results, run.get("machine_info", {})
+
+
+def shape_label(shape) -> str:
+    return "x".join(str(n) for n in shape)
+
+
+def tables(results: list[dict]) -> str:
+    groups = defaultdict(list)
+    for r in results:
+        groups[(r["op"], r["mode"], r["device"], r["dtype"])].append(r)
+    out = []
+    for (op, mode, device, dtype), rows in sorted(groups.items()):
+        providers = sorted({r["provider"] for r in rows}, key=lambda p: (not p.startswith("imm_"), p))
+        ours = [p for p in providers if p.startswith("imm_")]
+        by_shape = defaultdict(dict)
+        for r in rows:
+            by_shape[shape_label(r["shape"])][r["provider"]] = r
+        first = rows[0]
+        out.append(f"\n#### {op}, {mode.replace('_', '+')}, {device}, {dtype} ({first['machine']})\n")
+        header = ["shape"] + [f"{p} ms" for p in providers]
+        for p in ours:
+            header += [f"{p} vs eager", f"{p} vs compiled", f"{p} % of copy BW", f"{p} peak / inputs"]
+        if "torch_sum" in providers:  # the read-bandwidth yardstick: time over a plain sum of the same bytes
+            header += [f"{p} / torch_sum time" for p in ours]
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|" + "---|" * len(header))
+        for shape, cells in by_shape.items():
+            row = [shape] + [f"{cells[p]['median_ms']:.3g}" if p in cells else "-" for p in providers]
+            for p in ours:
+                mine = cells.get(p)
+                if mine is None:
+                    row += ["-"] * 4
+                    continue
+                for base in ("eager", "compiled"):
+                    row.append(f"{cells[base]['median_ms'] / mine['median_ms']:.1f}x" if base in cells else "-")
+                row.append(f"{mine['roofline_pct']:.0f}%")
+                ratio = mine["peak_over_inputs"]
+                row.append("-" if ratio is None else f"{ratio:.2f}")
+            if "torch_sum" in providers:
+                row += [f"{cells[p]['median_ms'] / cells['torch_sum']['median_ms']:.1f}" if p in cells and
+                        "torch_sum" in cells else "-" for p in ours]
+            out.append("| " + " | ".join(row) + " |")
+        copy = first["copy_gbps"]
+        out.append(f"\ncopy bandwidth measured in this run: {copy:.1f} GB/s; threads: {first['threads']}")
+    return "\n".join(out)
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["op"], r["mode"], r["device"], r["dtype"]) for r in results})
+    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.2 * len(panels)), squeeze=False)
+    for row, key in zip(axes, panels):
+        rows = [r for r in results if (r["op"], r["mode"], r["device"], r["dtype"]) == key]
+        shapes = sorted({shape_label(r["shape"]) for r in rows})
+        for provider in sorted({r["provider"] for r in rows}):
+            mine = {shape_label(r["shape"]): r for r in rows if r["provider"] == provider}
+            xs = [s for s in shapes if s in mine]
+            row[0].plot(xs, [mine[s]["median_ms"] for s in xs], marker="o", label=provider)
+            peaks = [(s, mine[s]["peak_extra_bytes"]) for s in xs if mine[s]["peak_extra_bytes"] is not None]
+            if peaks:
+                row[1].plot([s for s, _ in peaks], [p / 2**20 for _, p in peaks], marker="o", label=provider)
+        row[0].set_title(f"{' '.join(key)}: median time")
+        row[0].set_ylabel("ms")
+        row[1].set_title("peak extra memory")
+        row[1].set_ylabel("MiB")
+        for ax in row:
+            ax.set_yscale("log")
+            ax.tick_params(axis="x", labelsize=7)
+        row[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="pytest-benchmark JSON (pytest benchmarks/ --benchmark-json RUN.json)")
+    parser.add_argument("--plot", help="write a PNG of time and memory per shape and provider here")
+    args = parser.parse_args(argv)
+    results, machine = load(args.run)
+    if not results:
+        raise SystemExit(f"{args.run}: no imm_kernels benchmark results in it")
+    print(f"machine: {machine.get('cpu', {}).get('brand_raw', machine.get('machine', '?'))}")
+    print(tables(results))
+    if args.plot:
+        plot(results, args.plot)
+        print(f"\nplot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
