@@ -20,10 +20,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def native_backends(device: str) -> list[str]:
-    import importlib.util  # TEMPORARY until imm_kernels/triton lands (issue 3)
-
-    return [b for b in imm_kernels.available_backends(device) if b != "reference"
-            and (b != "triton" or importlib.util.find_spec("imm_kernels.triton") is not None)]
+    return [b for b in imm_kernels.available_backends(device) if b != "reference"]
 
 
 BACKEND_CASES = [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in native_backends(d)]

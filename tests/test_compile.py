@@ -22,7 +22,8 @@ def imm_step(net, x, noise, s, r, t, group_size, backend):
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
-def test_fullgraph_training_step(device, backend):
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_fullgraph_training_step(device, backend, compiler):
     torch._dynamo.reset()
     net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.SiLU(), torch.nn.Linear(16, 6)).to(device)
     x, noise = torch.randn(8, 6, device=device), torch.randn(8, 6, device=device) * 0.5
@@ -31,7 +32,7 @@ def test_fullgraph_training_step(device, backend):
     eager.backward()
     grads = [p.grad.clone() for p in net.parameters()]
     net.zero_grad()
-    compiled = torch.compile(imm_step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(imm_step, fullgraph=True, backend=compiler)
     loss = compiled(net, x, noise, s, r, t, 4, backend)  # AOTAutograd compiles the backward with it
     loss.backward()
     assert rel_error(loss, eager) < 1e-5

@@ -1,0 +1,146 @@
+"""Every Triton kernel compiles for real GPUs (sm_80, sm_90) on a machine without one, in each constexpr
+variant that matters, so that lowering errors the interpreter cannot see (types, layouts, operations
+without a GPU lowering) fail here. Each target compiles in a subprocess (this file run as a script) without
+TRITON_INTERPRET: the kernels of this process were defined for the interpreter."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+ARCHS = [80, 90]
+
+# Pointer parameters in the input dtype; every other pointer is in the accumulation dtype.
+INPUT_POINTERS = {"y_t_ptr", "y_r_ptr", "grad_t_ptr", "grad_r_ptr", "src0_ptr", "src1_ptr", "dst0_ptr", "dst1_ptr"}
+
+
+def signature(kernel, dtype: str) -> dict:
+    """Triton's type of each parameter for inputs of `dtype` ("fp32", "bf16", ...)."""
+    acc = "fp64" if dtype == "fp64" else "fp32"
+
+    def param_type(param):
+        if param.is_constexpr:
+            return "constexpr"
+        if param.annotation:  # floats declared in the kernel, e.g. eps: tl.float64
+            return param.annotation
+        if param.name.endswith("_ptr"):
+            return "*" + (dtype if param.name in INPUT_POINTERS else acc)
+        return "i32"
+
+    return {param.name: param_type(param) for param in kernel.params}
+
+
+def variants():
+    """(kernel, input dtype, constexprs), with the block sizes the launches pick on a GPU."""
+    import torch
+    import triton
+    import triton.language as tl
+
+    from imm_kernels.triton import interpolant, mmd
+
+    def group_shape(group_size, dtype, features=None):
+        """The group constexprs, and the tile width for `features` unless None (the finalize has no tiles)."""
+        pad = triton.next_power_of_2(group_size)
+        shape = dict(GROUP_SIZE=group_size, GROUP_PAD=pad, ACC=tl.float64 if dtype == "fp64" else tl.float32)
+        if features is not None:
+            acc = torch.float64 if dtype == "fp64" else torch.float32
+            shape["BLOCK_D"] = mmd.block_features(pad, features, acc, torch.device("cuda"))
+        return shape
+
+    def grads(write_t=True, write_r=True):
+        return dict(WRITE_T=write_t, WRITE_R=write_r)
+
+    # Many small groups, e.g. (G, M, D) = (1024, 4, 4096): one program per group.
+    for kernel in ("laplace", "rbf", "energy"):
+        for estimator in ("v", "u"):
+            yield mmd._mmd_group_kernel, "fp32", dict(group_shape(4, "fp32", 4096), KERNEL=kernel,
+                                                      ESTIMATOR=estimator, **grads())
+    for dtype, kernel in (("bf16", "laplace"), ("fp16", "rbf"), ("fp64", "energy")):
+        yield mmd._mmd_group_kernel, dtype, dict(group_shape(4, dtype, 4096), KERNEL=kernel, ESTIMATOR="u", **grads())
+    for group_size, features in ((1, 4096), (3, 4096), (8, 4096), (16, 4096), (4, 1)):
+        yield mmd._mmd_group_kernel, "fp32", dict(group_shape(group_size, "fp32", features), KERNEL="laplace",
+                                                  ESTIMATOR="v", **grads())
+    for write_t, write_r in ((False, False), (True, False)):
+        yield mmd._mmd_group_kernel, "fp32", dict(group_shape(4, "fp32", 4096), KERNEL="laplace", ESTIMATOR="v",
+                                                  **grads(write_t, write_r))
+    # Few large groups, e.g. (8, 8, 196608): features split into chunks, three kernels.
+    for dtype in ("fp32", "bf16", "fp64"):
+        yield mmd._mmd_partial_sums_kernel, dtype, group_shape(8, dtype, 196608)
+        yield mmd._mmd_gradient_kernel, dtype, dict(group_shape(8, dtype, 196608), **grads())
+    yield mmd._mmd_partial_sums_kernel, "fp32", group_shape(16, "fp32", 196608)
+    yield mmd._mmd_gradient_kernel, "fp32", dict(group_shape(8, "fp32", 196608), **grads(False, True))
+    for dtype, kernel, estimator in (("fp32", "laplace", "u"), ("fp32", "rbf", "v"), ("fp32", "energy", "u"),
+                                     ("fp64", "laplace", "v")):
+        yield mmd._mmd_finalize_kernel, dtype, dict(group_shape(8, dtype), KERNEL=kernel, ESTIMATOR=estimator)
+
+    # combine: every (kind, schedule, param) of the public ops, forward and transposed (the backward).
+    cases = [("interpolate", s, "simple_edm", outputs) for s in ("fm", "cosine") for outputs in (1, 2)]
+    cases += [("imm_output", "fm", p, 1) for p in ("simple_edm", "euler_fm", "identity")]
+    cases += [("imm_output", "cosine", p, 1) for p in ("simple_edm", "identity")]
+
+    def combine(kind, schedule, param, outputs, transpose, features=3072):
+        has_src1 = outputs == 2 or not transpose
+        return dict(KIND=kind, SCHEDULE=schedule, PARAM=param, OUTPUTS=outputs, TRANSPOSE=transpose,
+                    HAS_SRC1=has_src1, WRITE0=True, WRITE1=outputs == 2 or transpose,
+                    BLOCK_F=interpolant.block_features(features))
+
+    for case in cases:
+        for transpose in (False, True):
+            yield interpolant._combine_kernel, "fp32", combine(*case, transpose)
+    for dtype in ("bf16", "fp16", "fp64"):
+        for case in (("interpolate", "fm", "simple_edm", 2), ("imm_output", "cosine", "simple_edm", 1)):
+            for transpose in (False, True):
+                yield interpolant._combine_kernel, dtype, combine(*case, transpose, features=9000)
+
+
+def compile_all(arch: int) -> int:
+    """Compiles every variant for sm_<arch>; prints each failure and returns their count."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from imm_kernels.triton import interpolant, mmd
+
+    target = GPUTarget("cuda", arch, 32)
+    failures = 0
+    compiled = set()
+    for kernel, dtype, constexprs in variants():
+        compiled.add(kernel.__name__)
+        try:
+            triton.compile(triton.compiler.ASTSource(fn=kernel, signature=signature(kernel, dtype),
+                                                     constexprs=constexprs), target=target)
+        except Exception as error:  # noqa: BLE001  (report every failing variant, not just the first)
+            failures += 1
+            print(f"FAILED sm_{arch} {kernel.__name__} {dtype} {constexprs}:\n{error}\n")
+    kernels = {name for module in (mmd, interpolant) for name, value in vars(module).items()
+               if isinstance(value, triton.JITFunction) and name.endswith("_kernel")}
+    for name in sorted(kernels - compiled):
+        failures += 1
+        print(f"FAILED {name}: no variant of it is compiled here")
+    return failures
+
+
+@pytest.fixture(scope="module")
+def compilers(tmp_path_factory):
+    """One subprocess per target, all started at once (they run side by side on a multi-core machine)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))  # compile for real, leave no cache
+    processes = {arch: subprocess.Popen([sys.executable, __file__, str(arch)], env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True) for arch in ARCHS}
+    yield processes
+    for process in processes.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
+def test_kernels_compile_for_gpu(compilers, arch):
+    output, _ = compilers[arch].communicate(timeout=900)
+    assert compilers[arch].returncode == 0, output[-20000:]
+
+
+if __name__ == "__main__":
+    sys.exit(min(compile_all(int(sys.argv[1])), 1) if len(sys.argv) == 2 else 2)
