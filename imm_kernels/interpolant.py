@@ -91,8 +91,9 @@ def _apply(name0, in0, name1, in1, times, kind, outputs, schedule, param, sigma_
         _validate.ordered(times[0][0], time0, times[1][0], time1)
     if backend == "reference":
         return None, backend
-    out = CombineFunction.apply(_validate.rows(in0), _validate.rows(in1), time0, time1, kind, outputs, schedule,
-                                param, sigma_data, backend)
+    # The combine kernels walk (B, F) row-major: rows must be packed, not just have contiguous features.
+    out = CombineFunction.apply(_validate.rows(in0).contiguous(), _validate.rows(in1).contiguous(), time0, time1,
+                                kind, outputs, schedule, param, sigma_data, backend)
     if outputs == 2:
         return tuple(o.view(in0.shape) for o in out), backend
     return out.view(in0.shape), backend

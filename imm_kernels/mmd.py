@@ -44,12 +44,15 @@ def _(y_t, y_r, bandwidth, weight, group_size, kernel, estimator, eps, grad_t, g
 def _native_mmd(backend: str, y_t, y_r, bandwidth, weight, group_size, kernel, estimator, eps, grad_t, grad_r):
     module, _ = _native.load(backend)
     loss, g_t, g_r = mmd_outputs(y_t, group_size, grad_t, grad_r)
+    sizes = dict(groups=loss.shape[0], group_size=group_size, features=y_t.shape[1],
+                 dtype=_native.DTYPE_CODES[y_t.dtype])
+    # Scratch for the per-group pair sums, from torch's caching allocator (0 bytes on the CPU).
+    workspace = torch.empty(module.mmd_workspace_bytes(**sizes), dtype=torch.uint8, device=y_t.device)
     module.mmd_fused(
-        y_t=y_t.data_ptr(), y_r=y_r.data_ptr(), stride_t=y_t.stride(0), stride_r=y_r.stride(0),
-        groups=loss.shape[0], group_size=group_size, features=y_t.shape[1], dtype=_native.DTYPE_CODES[y_t.dtype],
+        y_t=y_t.data_ptr(), y_r=y_r.data_ptr(), stride_t=y_t.stride(0), stride_r=y_r.stride(0), **sizes,
         kernel=_native.KERNEL_CODES[kernel], estimator=_native.ESTIMATOR_CODES[estimator], eps=eps,
         bandwidth=bandwidth.data_ptr(), weight=weight.data_ptr(), loss=loss.data_ptr(), grad_t=_native.ptr(g_t),
-        grad_r=_native.ptr(g_r), **_native.launch_options(y_t.device))
+        grad_r=_native.ptr(g_r), workspace=_native.ptr(workspace), **_native.launch_options(y_t.device))
     return loss, g_t, g_r
 
 

@@ -66,13 +66,15 @@ def test_matches_reference(device, backend, op, schedule, param, dtype, shape):
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
 @pytest.mark.parametrize("op,schedule,param", CASES)
 def test_scalar_times_and_noncontiguous(device, backend, op, schedule, param):
-    in0 = torch.randn(4, 6, 5, device=device, dtype=torch.float64).transpose(1, 2)
-    in1 = torch.randn(4, 5, 6, device=device, dtype=torch.float64)
+    transposed = torch.randn(4, 6, 5, device=device, dtype=torch.float64).transpose(1, 2)
+    row_slice = torch.randn(4, 9, device=device, dtype=torch.float64)[:, :5]  # packed features, row stride 9
     t0, t1 = (0.7, 0.3) if op.startswith("interpolate") else (0.3, 0.7)
-    got = outputs(call(imm_kernels, op, in0, in1, t0, t1, schedule, param, backend=backend))
-    want = outputs(call(reference, op, in0, in1, t0, t1, schedule, param))
-    for g, w in zip(got, want):
-        assert rel_error(g, w) <= RTOL[torch.float64]
+    for in0, in1 in ((transposed, torch.randn(4, 5, 6, device=device, dtype=torch.float64)),
+                     (row_slice, torch.randn(4, 11, device=device, dtype=torch.float64)[:, 3:8])):
+        got = outputs(call(imm_kernels, op, in0, in1, t0, t1, schedule, param, backend=backend))
+        want = outputs(call(reference, op, in0, in1, t0, t1, schedule, param))
+        for g, w in zip(got, want):
+            assert rel_error(g, w) <= RTOL[torch.float64]
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)

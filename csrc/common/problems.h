@@ -23,6 +23,7 @@ struct MmdProblem {
   void* loss;             // (G,) accumulation type: weight * MMD per group
   void* grad_t;           // (B, D) contiguous in the input dtype, or null when not wanted
   void* grad_r;
+  void* workspace;        // scratch of mmd_workspace_bytes() bytes from the caller (null where that is 0)
 };
 
 // Per-sample linear combination of two (B, F) inputs with coefficients from per-sample times.

@@ -4,6 +4,9 @@
 
 namespace imm::cpu {
 
+// Bytes of caller-provided scratch that mmd_fused needs: none, its threads keep their sums in their own buffers.
+inline int64_t mmd_workspace_bytes(int64_t, int64_t, int64_t, DType) { return 0; }
+
 // Loss per group and, where the grad pointers are set, the gradient of sum_g loss_g.
 void mmd_fused(const MmdProblem& problem, int num_threads);
 
