@@ -129,8 +129,9 @@ def test_mmd(benchmark, device, shape, provider, dtype, mode):
         ours = provider.startswith("imm_")
         tolerance = {torch.float32: 1e-4 if ours else 1e-3, torch.bfloat16: 2e-2 if ours else 0.15}[dtype]
         errors = [relative(loss, want_loss)] + ([relative(y_t.grad, want_grad)] if backward else [])
-        if max(errors) > tolerance:
-            pytest.fail(f"{provider} is wrong: relative errors {errors} > {tolerance}")
+        if max(errors) > tolerance:  # ours: a failure; a baseline: not timed, with its error in the summary
+            message = f"{provider} is wrong: relative errors {[f'{e:.2g}' for e in errors]} > {tolerance}"
+            pytest.fail(message) if ours else pytest.skip(message)
     median = time_ms(run, sets, device)
     peak = peak_extra_bytes(lambda: run(sets[0]), device)
     benchmark.pedantic(lambda: (run(sets[0]), sync(device)), rounds=1 if SMOKE else 3, iterations=1)

@@ -80,7 +80,7 @@ def plot(results: list[dict], path: str) -> None:
             mine = {shape_label(r["shape"]): r for r in rows if r["provider"] == provider}
             xs = [s for s in shapes if s in mine]
             row[0].plot(xs, [mine[s]["median_ms"] for s in xs], marker="o", label=provider)
-            peaks = [(s, mine[s]["peak_extra_bytes"]) for s in xs if mine[s]["peak_extra_bytes"] is not None]
+            peaks = [(s, mine[s]["peak_extra_bytes"]) for s in xs if mine[s]["peak_extra_bytes"]]
             if peaks:
                 row[1].plot([s for s, _ in peaks], [p / 2**20 for _, p in peaks], marker="o", label=provider)
         row[0].set_title(f"{' '.join(key)}: median time")
@@ -88,7 +88,8 @@ def plot(results: list[dict], path: str) -> None:
         row[1].set_title("peak extra memory")
         row[1].set_ylabel("MiB")
         for ax in row:
-            ax.set_yscale("log")
+            if all(y > 0 for line in ax.get_lines() for y in line.get_ydata()):  # log needs positive values
+                ax.set_yscale("log")
             ax.tick_params(axis="x", labelsize=7)
         row[0].legend(fontsize=7)
     fig.tight_layout()
