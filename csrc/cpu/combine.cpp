@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "common/schedule_math.h"
 #include "cpu/kernels.h"
@@ -13,22 +14,35 @@ namespace {
 
 constexpr int64_t kBlock = 16384;  // features per task: rows are split so large images still spread over threads
 
+// One pass over the sources for every destination; the presence of src1 / dst0 / dst1 is a compile-time
+// choice so the loop stays branch-free and vectorized.
+template <class In, class Acc, bool kSrc1, bool kDst0, bool kDst1>
+inline void combine_pass(const In* src0, const In* src1, In* dst0, In* dst1, const Acc (&coef)[2][2], int64_t n) {
+#pragma omp simd
+  for (int64_t f = 0; f < n; ++f) {
+    const Acc a = load<Acc>(src0[f]);
+    const Acc b = kSrc1 ? load<Acc>(src1[f]) : Acc(0);
+    if constexpr (kDst0) dst0[f] = store<In>(coef[0][0] * a + coef[0][1] * b);
+    if constexpr (kDst1) dst1[f] = store<In>(coef[1][0] * a + coef[1][1] * b);
+  }
+}
+
 template <class In, class Acc>
 IMM_CPU_CLONES void combine_block(const In* src0, const In* src1, In* dst0, In* dst1, const Acc (&coef)[2][2],
                                   int64_t n) {
-  In* dst[2] = {dst0, dst1};
-  for (int o = 0; o < 2; ++o) {
-    if (!dst[o]) continue;
-    const Acc c0 = coef[o][0], c1 = coef[o][1];
-    In* out = dst[o];
-    if (src1) {
-#pragma omp simd
-      for (int64_t f = 0; f < n; ++f) out[f] = store<In>(c0 * load<Acc>(src0[f]) + c1 * load<Acc>(src1[f]));
-    } else {
-#pragma omp simd
-      for (int64_t f = 0; f < n; ++f) out[f] = store<In>(c0 * load<Acc>(src0[f]));
-    }
-  }
+  auto pass = [&](auto src1_set, auto dst0_set, auto dst1_set) {
+    combine_pass<In, Acc, decltype(src1_set)::value, decltype(dst0_set)::value, decltype(dst1_set)::value>(
+        src0, src1, dst0, dst1, coef, n);
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
+  auto with_dsts = [&](auto src1_set) {
+    if (dst0 && dst1) return pass(src1_set, yes{}, yes{});
+    if (dst0) return pass(src1_set, yes{}, no{});
+    if (dst1) return pass(src1_set, no{}, yes{});
+  };
+  if (src1) return with_dsts(yes{});
+  with_dsts(no{});
 }
 
 template <class In, class Acc>
