@@ -1,0 +1,150 @@
+"""Few-step IMM sampling from a checkpoint of train.py (IMM_SPEC section 5).
+
+    python examples/sample.py --ckpt DIR --steps 2 --n 5000 --out samples.npy [--sampler pushforward|restart]
+        [--grid auto|uniform|eta|edm] [--cfg W] [--label C] [--seed S]
+
+Writes FILE.npy (points in the data's units, or images N x C x H x W in [0, 1]), FILE.png beside it, and
+FILE.labels.npy for a class-conditional model. Sampling uses the EMA weights; the state stays in float64
+between steps, only the network runs in the training precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import checkpoint
+import imm_kernels
+import plots
+from common import SIGMA_DATA, ExampleError, cli, one_step, resolve_device
+from data import to_data
+from imm_kernels import schedules
+
+SAMPLERS = ("pushforward", "restart")
+GRIDS = ("auto", "uniform", "eta", "edm")
+EDM_RHO = 7
+TWO_STEP_ETA = 1.4  # the paper's middle point for 2 steps (t = 0.583 on fm)
+
+
+def time_grid(steps: int, grid: str, *, schedule: str, T: float, eps_t: float) -> torch.Tensor:
+    """Times t_N = T > ... > t_0 = eps_t, float64. auto: eta for 1-2 steps, else edm."""
+    if grid == "auto":
+        grid = "eta" if steps <= 2 else "edm"
+    if grid == "uniform":
+        return torch.linspace(T, eps_t, steps + 1, dtype=torch.float64)
+    if grid == "eta":
+        if steps > 2:
+            raise ExampleError(f"--grid eta is defined for 1 or 2 steps; got --steps {steps}")
+        middle = [float(schedules.eta_inv(TWO_STEP_ETA, schedule))] if steps == 2 else []
+        return torch.tensor([T, *middle, eps_t], dtype=torch.float64)
+    # edm: spaced in eta with rho = 7, dense near the data
+    eta_max, eta_min = float(schedules.eta(T, schedule)), float(schedules.eta(eps_t, schedule))
+    fraction = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    etas = (eta_max ** (1 / EDM_RHO) + fraction * (eta_min ** (1 / EDM_RHO) - eta_max ** (1 / EDM_RHO))) ** EDM_RHO
+    grid_times = schedules.eta_inv(etas, schedule)
+    grid_times[0], grid_times[-1] = T, eps_t  # exact ends despite rounding
+    return grid_times
+
+
+def class_labels(n: int, num_classes: int, label: int | None = None) -> torch.Tensor | None:
+    """The labels to sample: None when unconditional, `label` for all, else every class equally often."""
+    if num_classes == 0:
+        return None
+    return torch.full((n,), label, dtype=torch.long) if label is not None else torch.arange(n) % num_classes
+
+
+@torch.no_grad()
+def generate(model, config: dict, sample_shape, n: int, labels: torch.Tensor | None, *, steps: int,
+             sampler: str = "pushforward", grid: str = "auto", guidance: float = 1.0,
+             generator: torch.Generator, device, batch: int = 4096) -> torch.Tensor:
+    """n samples in model space, float64 on the CPU, generated `batch` at a time."""
+    times = time_grid(steps, grid, schedule=config["schedule"], T=config["T"], eps_t=config["eps_t"])
+    chunks = []
+    for start in range(0, n, batch):
+        size = min(batch, n - start)
+        chunk_labels = None if labels is None else labels[start:start + size].to(device)
+        chunks.append(_sample_chunk(model, config, sample_shape, chunk_labels, size, times, sampler=sampler,
+                                    guidance=guidance, generator=generator, device=device).cpu())
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def _sample_chunk(model, config: dict, sample_shape, labels, n: int, times: torch.Tensor, *, sampler: str,
+                 guidance: float, generator: torch.Generator, device) -> torch.Tensor:
+    """n samples in model space, float64 (on `device`), from pure noise at times[0] = T."""
+    schedule, eps_t = config["schedule"], float(times[-1])
+
+    def noise():  # drawn on the CPU generator, so a seed gives the same samples on every device
+        return (SIGMA_DATA * torch.randn((n, *sample_shape), generator=generator, dtype=torch.float64)).to(device)
+
+    def full(value):
+        return torch.full((n,), float(value), dtype=torch.float64, device=device)
+
+    x = noise()
+    for t, s in zip(times[:-1], times[1:]):
+        if sampler == "pushforward":
+            x = one_step(model, x, full(s), full(t), labels, config=config, guidance=guidance)
+        else:  # restart: jump to eps_t, then re-noise with fresh eps to s
+            x = one_step(model, x, full(eps_t), full(t), labels, config=config, guidance=guidance)
+            if float(s) > eps_t:
+                x = imm_kernels.interpolate(x, noise(), full(s), schedule=schedule)
+    return x
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="Few-step sampling from an IMM checkpoint of train.py.")
+    parser.add_argument("--ckpt", required=True, help="a train.py output folder (or its checkpoint.pt)")
+    parser.add_argument("--steps", type=int, default=2, help="number of network evaluations (default 2)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="pushforward")
+    parser.add_argument("--grid", choices=GRIDS, default="auto",
+                        help="auto (default): eta for 1-2 steps (middle point at eta = 1.4), else edm (rho 7)")
+    parser.add_argument("--cfg", type=float, default=1.0,
+                        help="classifier-free guidance scale w (class-conditional models; 1 = no guidance)")
+    parser.add_argument("--label", type=int, help="sample this class only (default: all classes equally)")
+    parser.add_argument("--n", type=int, default=5000, help="number of samples (default 5000)")
+    parser.add_argument("--out", required=True, help="output FILE.npy; FILE.png is written beside it")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=4096, help="samples per network call")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.n < 1 or args.batch < 1:
+        parser.error("--steps, --n and --batch must be >= 1")
+    if not args.out.endswith(".npy"):
+        parser.error(f"--out must name a .npy file; got {args.out!r}")
+    if args.grid == "eta" and args.steps > 2:
+        parser.error(f"--grid eta is defined for 1 or 2 steps; got --steps {args.steps}")
+    return args
+
+
+@cli
+def main(argv=None):
+    args = parse_args(argv)
+    state = checkpoint.load(args.ckpt)
+    config, info = state["config"], state["data_info"]
+    num_classes = info["num_classes"]
+    if num_classes == 0 and (args.label is not None or args.cfg != 1.0):
+        raise ExampleError("--label and --cfg need a class-conditional model; this one is unconditional")
+    if args.label is not None and not 0 <= args.label < num_classes:
+        raise ExampleError(f"--label must be in [0, {num_classes}); got {args.label}")
+    device = resolve_device(args.device)
+    model = checkpoint.build_model(state).to(device)
+    labels = class_labels(args.n, num_classes, args.label)
+    x = generate(model, config, tuple(info["sample_shape"]), args.n, labels, steps=args.steps, sampler=args.sampler,
+                 grid=args.grid, guidance=args.cfg, generator=torch.Generator().manual_seed(args.seed),
+                 device=device, batch=args.batch)
+    samples = to_data(x, info["shift"], info["scale"]).float().numpy()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, samples)
+    if labels is not None:
+        np.save(out.with_suffix(".labels.npy"), labels.numpy())
+    title = f"IMM, {args.steps} step{'s' * (args.steps > 1)} ({args.sampler}), step {state['step']}"
+    plots.samples(info["kind"], {title: samples}, out.with_suffix(".png"))
+    print(f"wrote {args.n} samples to {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,354 @@
+"""Reference IMM trainer (IMM_SPEC sections 1-4), with imm_kernels doing every IMM-specific op.
+
+    python examples/train.py --data checkerboard --out runs/checkerboard          # defaults: < 5 min on CPU
+    python examples/train.py --out runs/checkerboard --resume                     # continue a stopped run
+    torchrun --nproc_per_node 2 examples/train.py --data digits --out runs/digits # DDP (gloo on CPU, nccl on GPU)
+
+One step: a batch of B rows in B / M groups of M particles; each group shares (s, r, t) from
+imm.sample_times. x_t and x_r come from the same (x, eps) (interpolate_pair); y_t = f_{s,t}(x_t) with
+gradient, y_r = f_{s,r}(x_r) from the same network under no_grad (stop-gradient, not the EMA); the loss is
+mmd_loss with the Laplace kernel, per-group bandwidth imm.kernel_bandwidth(s, t) and weight
+imm.time_weight(t). The EMA is for evaluation only.
+
+DIR receives checkpoint.pt (atomic, --resume continues bit for bit), log.jsonl, loss.png,
+samples_stepN.png at each evaluation and metrics.json (the latest metric table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import checkpoint
+import data
+import imm_kernels
+import metrics
+import models
+import plots
+from classifier import load_classifier
+from common import SIGMA_DATA, ExampleError, cli, one_step, resolve_device
+from imm_kernels import imm
+from imm_kernels.schedules import DEFAULT_T, SCHEDULES
+from sample import class_labels, generate
+
+# The training math: fixed by the checkpoint on --resume. None = decided from the data / device.
+TRAINING_OPTIONS = {
+    "data": (str, "checkerboard", "checkerboard, 8gaussians, moons, spirals, digits, mnist, a .npy file of "
+                                  "points (N x D) or a folder of images (class = subfolder)"),
+    "image_size": (int, None, "resize a folder's images to this size (default: the first image's)"),
+    "batch": (int, 1024, "global batch B (all ranks together), a multiple of group size x ranks"),
+    "group_size": (int, 64, "M, particles per group sharing (s, r, t) (the paper: 4; see the README for 2-D)"),
+    "schedule": (SCHEDULES, "fm", "noise schedule"),
+    "param": (imm.PARAMS, "simple_edm", "parameterisation of f_{s,t} (euler_fm needs --schedule fm)"),
+    "time_embedding": (("s", "stride"), "s", "second time input of the network: s, or t - s (stride)"),
+    "kernel": (("laplace", "rbf", "energy"), "laplace", "MMD kernel (the paper's: laplace)"),
+    "estimator": (("v", "u"), "v", "MMD estimator: v (biased V-statistic, paper Eq. 67) or u (unbiased)"),
+    "k": (float, 10.0, "r(s, t): eta decrement (eta(T) - eta(eps_t)) / 2^k"),
+    "a": (float, 1.0, "time weight exponent a"),
+    "b": (float, 5.0, "time weight offset b"),
+    "iters": (int, 5000, "training steps; the learning rate decays to 0 over them (cosine)"),
+    "lr": (float, 2e-3, "AdamW peak learning rate"),
+    "weight_decay": (float, 0.0, "AdamW weight decay"),
+    "warmup": (int, 200, "linear learning-rate warm-up steps"),
+    "ema_decay": (float, 0.999, "EMA decay (evaluation and sampling use the EMA)"),
+    "grad_clip": (float, 1.0, "clip the gradient norm to this (0: no clipping)"),
+    "label_dropout": (float, 0.1, "probability of training a group unconditionally (labelled data)"),
+    "width": (int, None, "network width (default: 128 for points, 64 for images)"),
+    "eps_t": (float, None, "smallest time (default: 0 for points, 0.006 for images)"),
+    "T": (float, None, "largest time (default: 0.994 fm, 0.996 cosine)"),
+    "precision": (("auto", "fp32", "bf16", "fp16"), "auto", "network precision (autocast; auto: bf16 on GPU)"),
+    "seed": (int, 0, "seed of initialisation, data order, times and noise"),
+}
+# How the run is driven: may change on --resume.
+RUN_OPTIONS = {
+    "stop_at": (int, None, "stop at this step with a checkpoint (--resume continues the run)"),
+    "log_every": (int, 50, "steps between log lines"),
+    "ckpt_every": (int, 1000, "steps between checkpoints (one is always written at the end)"),
+    "eval_every": (int, 0, "steps between evaluations (0: only at the end)"),
+    "eval_steps": (int, [1, 2], "sampling steps evaluated (several allowed)"),
+    "eval_samples": (int, None, "samples per evaluation (default: the held-out split's size)"),
+    "classifier": (str, None, "classifier.pt of examples/classifier.py, for the image metrics"),
+    "device": (str, "auto", "auto, cpu, cuda, cuda:1, ... (torchrun ranks use cuda:LOCAL_RANK)"),
+}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output folder DIR")
+    parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    for name, (kind, default, text) in {**TRAINING_OPTIONS, **RUN_OPTIONS}.items():
+        options = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
+        if isinstance(default, list):
+            options["nargs"] = "+"
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        # default None: an option is "given" exactly when it is not None (see training_config)
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **options,
+                            help=f"{text} (default: {'auto' if default is None else shown})")
+    args = parser.parse_args(argv)
+    for name, (_, default, _) in RUN_OPTIONS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    for name in ("log_every", "ckpt_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.eval_every < 0 or min(args.eval_steps) < 1:
+        parser.error("--eval-every must be >= 0 and --eval-steps >= 1")
+    return args
+
+
+def training_config(args, saved: dict | None) -> dict:
+    """The options of TRAINING_OPTIONS: the checkpoint's on --resume (an option given again must agree),
+    else the command line's over the defaults."""
+    given = {name: getattr(args, name) for name in TRAINING_OPTIONS if getattr(args, name) is not None}
+    if saved is None:
+        return {name: default for name, (_, default, _) in TRAINING_OPTIONS.items()} | given
+    for name, value in given.items():
+        if value != saved.get(name):
+            raise ExampleError(f"--{name.replace('_', '-')} {value} differs from the checkpoint's "
+                               f"{saved.get(name)}; a resumed run keeps its settings (drop the option or "
+                               "use a new --out)")
+    return dict(saved)
+
+
+def complete_config(config: dict, dataset: data.Dataset, device: torch.device, world_size: int) -> dict:
+    """Fills the data- and device-dependent defaults and checks the combination."""
+    images = dataset.kind == "images"
+    config = dict(config)
+    config["width"] = config["width"] or (64 if images else 128)
+    config["eps_t"] = (0.006 if images else 0.0) if config["eps_t"] is None else config["eps_t"]
+    config["T"] = config["T"] or DEFAULT_T[config["schedule"]]
+    if config["precision"] == "auto":
+        config["precision"] = "bf16" if device.type == "cuda" else "fp32"
+    if config["precision"] != "fp32" and device.type != "cuda":
+        raise ExampleError(f"--precision {config['precision']} is for GPUs; this run is on {device}")
+    if config["param"] == "euler_fm" and config["schedule"] != "fm":
+        raise ExampleError("--param euler_fm needs --schedule fm")
+    if not 0 <= config["eps_t"] < config["T"] <= 1:
+        raise ExampleError(f"need 0 <= --eps-t < --T <= 1; got {config['eps_t']} and {config['T']}")
+    per_rank = config["group_size"] * world_size
+    if config["group_size"] < 1 or config["batch"] < per_rank or config["batch"] % per_rank:
+        raise ExampleError(f"--batch {config['batch']} must be a positive multiple of --group-size "
+                           f"{config['group_size']} x {world_size} rank(s)")
+    for name in ("lr", "ema_decay"):
+        if not 0 < config[name] < (1 if name == "ema_decay" else float("inf")):
+            raise ExampleError(f"--{name.replace('_', '-')} out of range: {config[name]}")
+    if not 0 <= config["label_dropout"] < 1 or config["grad_clip"] < 0 or config["warmup"] < 0 or config["iters"] < 1:
+        raise ExampleError("need 0 <= --label-dropout < 1, --grad-clip >= 0, --warmup >= 0 and --iters >= 1")
+    return config
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def learning_rate(step: int, config: dict) -> float:
+    """Linear warm-up, then cosine decay to 0 at --iters (it sharpens the samples of short runs)."""
+    warmup = min(1.0, (step + 1) / config["warmup"]) if config["warmup"] else 1.0
+    return config["lr"] * warmup * 0.5 * (1 + math.cos(math.pi * step / config["iters"]))
+
+
+def imm_loss(model, online, x, labels, generator: torch.Generator, config: dict, device) -> torch.Tensor:
+    """The IMM loss of one batch (IMM_SPEC section 4). model: the network (for the stop-gradient pass);
+    online: the same network, DDP-wrapped when distributed (for the pass with gradient)."""
+    m = config["group_size"]
+    groups = x.shape[0] // m
+    if labels is not None:  # label dropout, per group: the null class trains the unconditional output
+        dropped = torch.rand(groups, generator=generator) < config["label_dropout"]
+        labels = torch.where(dropped.repeat_interleave(m), model.null_label, labels).to(device)
+    delta = 1e-4 if config["precision"] == "fp16" else None  # keeps r < t where fp16 cannot tell them apart
+    s, r, t = imm.sample_times(groups, schedule=config["schedule"], k=config["k"], T=config["T"],
+                               eps_t=config["eps_t"], delta=delta, generator=generator, dtype=torch.float64)
+    eps = SIGMA_DATA * torch.randn(x.shape, generator=generator)
+    x, eps = x.to(device), eps.to(device)
+    s_rows, r_rows, t_rows = (v.repeat_interleave(m).to(device) for v in (s, r, t))
+    x_t, x_r = imm_kernels.interpolate_pair(x, eps, t_rows, r_rows, schedule=config["schedule"])
+    with torch.autocast(device.type, dtype=AMP_DTYPES.get(config["precision"]),
+                        enabled=config["precision"] in AMP_DTYPES):
+        y_t = one_step(online, x_t, s_rows, t_rows, labels, config=config)
+        with torch.no_grad():
+            y_r = one_step(model, x_r, s_rows, r_rows, labels, config=config)
+    bandwidth = imm.kernel_bandwidth(s, t, schedule=config["schedule"], param=config["param"], sigma_data=SIGMA_DATA)
+    weight = imm.time_weight(t, a=config["a"], b=config["b"], schedule=config["schedule"])
+    return imm_kernels.mmd_loss(y_t, y_r, m, kernel=config["kernel"], estimator=config["estimator"],
+                                bandwidth=bandwidth.to(device), weight=weight.to(device))
+
+
+def setup_distributed() -> tuple[int, int]:
+    """(rank, world size); joins the torchrun process group when WORLD_SIZE > 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), world_size
+    return 0, 1
+
+
+def gather(obj, world_size: int) -> list:
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class Log:
+    """DIR/log.jsonl; on resume, lines past the checkpoint's step (written before a crash) are dropped."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+@torch.no_grad()
+def evaluate(ema, config, info, dataset, evaluator, eval_steps, out: Path, step: int, device) -> dict:
+    """Samples with the EMA at each step count, scores them, writes samples_stepN.png and metrics.json.
+    Uses its own generator, so evaluating never changes the training run."""
+    labels = class_labels(evaluator.n, info["num_classes"])
+    panels, sample_sets = {"held-out": evaluator.heldout.numpy()}, {}
+    for steps in eval_steps:
+        x = generate(ema, config, tuple(info["sample_shape"]), evaluator.n, labels, steps=steps,
+                     generator=torch.Generator().manual_seed(config["seed"]), device=device)
+        samples = data.to_data(x, dataset.shift, dataset.scale)
+        name = f"{steps} step{'s' * (steps > 1)}"
+        panels[name], sample_sets[name] = samples.numpy(), (samples, labels)
+    plots.samples(dataset.kind, panels, out / f"samples_step{step}.png")
+    table = evaluator.table(sample_sets)
+    report = {"step": step, "data": config["data"], **table}
+    (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+@cli
+def main(argv=None) -> torch.nn.Module:
+    """Trains and returns the (online) network; argv defaults to the command line."""
+    args = parse_args(argv)
+    out = Path(args.out)
+    saved = checkpoint.load(out) if args.resume else None
+    if saved is None and checkpoint.path_in(out).exists():
+        raise ExampleError(f"{out} already holds a checkpoint: pass --resume, or choose another --out")
+    config = training_config(args, saved and saved["config"])
+    rank, world_size = setup_distributed()
+    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if world_size > 1 and
+              torch.cuda.is_available() else resolve_device(args.device))
+    dataset = data.load(config["data"], image_size=config["image_size"])
+    config = complete_config(config, dataset, device, world_size)
+    if saved is not None and len(saved["rng_states"]) != world_size:
+        raise ExampleError(f"the checkpoint was written by {len(saved['rng_states'])} rank(s); resume it with as "
+                           f"many, not {world_size}")
+    info = {"kind": dataset.kind, "sample_shape": list(dataset.sample_shape), "num_classes": dataset.num_classes,
+            "shift": dataset.shift, "scale": dataset.scale}
+
+    torch.manual_seed(config["seed"])  # the same initial weights on every rank
+    model = models.build(dataset.kind, dataset.sample_shape, dataset.num_classes, config["width"]).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    scaler = torch.amp.GradScaler(device.type, enabled=config["precision"] == "fp16")
+    generator = torch.Generator().manual_seed(config["seed"] * 100_003 + rank)  # one stream per rank
+    step = 0
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        ema.load_state_dict(saved["ema"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scaler.load_state_dict(saved["scaler"])
+        generator.set_state(saved["rng_states"][rank])
+        step = saved["step"]
+    online = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world_size > 1 else model
+    sampler = data.BatchSampler(dataset.train, dataset.train_labels, config["group_size"])
+    local_batch = config["batch"] // world_size
+
+    def save_checkpoint():
+        rng_states = gather(generator.get_state(), world_size)
+        if rank == 0:
+            checkpoint.save(out, {"config": config, "data_info": info, "step": step, "model": model.state_dict(),
+                                  "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                                  "scaler": scaler.state_dict(), "rng_states": rng_states})
+
+    evaluator = log = None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        classifier = load_classifier(args.classifier, dataset) if args.classifier else None
+        evaluator = metrics.Evaluator(dataset, n=args.eval_samples, classifier=classifier)
+        log = Log(out / "log.jsonl", step)
+        log.write({"step": step, "event": "resume" if saved else "start", "world_size": world_size, "config": config})
+
+    def run_evaluation():
+        if rank == 0:
+            report = evaluate(ema, config, info, dataset, evaluator, args.eval_steps, out, step, device)
+            log.write({"step": step, "eval": report["rows"]})
+            plots.loss_curve(out / "log.jsonl", out / "loss.png")
+            tqdm.write(f"step {step}\n" + metrics.format_table(report))
+        if world_size > 1:
+            dist.barrier()
+
+    iters = config["iters"]
+    stop = min(iters, args.stop_at or iters)
+    progress = tqdm(total=iters, initial=step, disable=rank != 0, unit="step", dynamic_ncols=True,
+                    mininterval=1.0)
+    loss_sum, interval_start, interval_steps = torch.zeros((), device=device), time.perf_counter(), 0
+    model.train()
+    while step < stop:
+        x, labels = sampler(local_batch, generator)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, config)
+        loss = imm_loss(model, online, x, labels, generator, config, device)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        if config["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+        scaler.step(optimizer)
+        scaler.update()
+        decay = min(config["ema_decay"], (1 + step) / (10 + step))  # short warm-up of the EMA
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.lerp_(p, 1 - decay)
+        step += 1
+        loss_sum += loss.detach()
+        interval_steps += 1
+        progress.update()
+        if step % args.log_every == 0 or step == stop:
+            if world_size > 1:
+                dist.all_reduce(loss_sum)
+            mean_loss = loss_sum.item() / (interval_steps * world_size)
+            rate = interval_steps / (time.perf_counter() - interval_start)
+            progress.set_postfix(loss=f"{mean_loss:.4g}", refresh=False)
+            if rank == 0:
+                log.write({"step": step, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
+                           "steps_per_s": rate})
+            loss_sum.zero_()
+            interval_start, interval_steps = time.perf_counter(), 0
+        if step % args.ckpt_every == 0 and step < stop:
+            save_checkpoint()
+        if args.eval_every and step % args.eval_every == 0 and step < iters:
+            run_evaluation()
+    progress.close()
+    save_checkpoint()
+    if step < iters:
+        print(f"stopped at step {step} of {iters}; continue with --resume", file=sys.stderr)
+    else:
+        run_evaluation()
+    if world_size > 1:
+        dist.destroy_process_group()
+    return model
+
+
+if __name__ == "__main__":
+    main()

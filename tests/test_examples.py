@@ -1,0 +1,219 @@
+"""The example trainer and sampler (examples/): exact resume, DDP replicas in step, sampling at 1/2/4/8
+steps, and clear errors. Everything runs as the user would run it (subprocesses, one thread each) with
+tiny models and a handful of steps."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+# Tiny and fast: a 16-wide MLP, 8 groups of 4, evaluation on 64 samples.
+TINY = ["--batch", "32", "--group-size", "4", "--width", "16", "--warmup", "2", "--log-every", "2", "--eval-samples", "64",
+        "--eval-steps", "1"]
+
+pytest.importorskip("matplotlib", reason="examples/requirements.txt is not installed")
+pytest.importorskip("tqdm", reason="examples/requirements.txt is not installed")
+
+
+def run(script: str, *args, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run([sys.executable, str(EXAMPLES / script), *map(str, args)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def load_checkpoint(directory: Path) -> dict:
+    return torch.load(directory / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a: dict, b: dict, path: str = "") -> None:
+    """Exact equality of nested checkpoint contents."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_same_state(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}/{i}")
+    else:
+        assert a == b, path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A checkerboard run of 4 steps."""
+    out = tmp_path_factory.mktemp("run") / "checkerboard"
+    run("train.py", "--out", out, "--iters", 4, *TINY)
+    return out
+
+
+def test_training_writes_its_outputs(trained):
+    for name in ("checkpoint.pt", "log.jsonl", "loss.png", "metrics.json", "samples_step4.png"):
+        assert (trained / name).is_file(), name
+    assert not (trained / "checkpoint.pt.tmp").exists()
+
+
+def test_resume_is_exact(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run("train.py", "--out", straight, "--iters", 6, *TINY)
+    stopped = run("train.py", "--out", resumed, "--iters", 6, "--stop-at", 3, *TINY)
+    assert "continue with --resume" in stopped.stderr
+    assert load_checkpoint(resumed)["step"] == 3
+    run("train.py", "--out", resumed, "--resume", *TINY)
+    a, b = load_checkpoint(straight), load_checkpoint(resumed)
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "ema", "optimizer", "rng_states"):
+        assert_same_state(a[key], b[key], key)
+
+
+DDP_WORKER = """
+import os, sys, torch
+sys.path.insert(0, {examples!r})
+import train
+model = train.main({argv!r})
+torch.save(model.state_dict(), os.path.join({out!r}, "rank" + os.environ["RANK"] + ".pt"))
+"""
+
+
+def test_ddp_keeps_ranks_identical(tmp_path):
+    out = tmp_path / "ddp"
+    worker = tmp_path / "worker.py"
+    argv = ["--out", str(out), "--iters", "3", *TINY]
+    worker.write_text(DDP_WORKER.format(examples=str(EXAMPLES), argv=argv, out=str(tmp_path)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node", "2", str(worker)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert_same_state(rank0, rank1)
+    saved = load_checkpoint(out)
+    assert saved["step"] == 3 and len(saved["rng_states"]) == 2
+    assert_same_state(saved["model"], rank0)
+    assert not torch.equal(saved["rng_states"][0], saved["rng_states"][1])  # each rank drew its own data
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_sampling_writes_npy_and_png(trained, tmp_path, steps):
+    out = tmp_path / f"{steps}.npy"
+    run("sample.py", "--ckpt", trained, "--steps", steps, "--n", 50, "--out", out)
+    samples = np.load(out)
+    assert samples.shape == (50, 2) and np.isfinite(samples).all()
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("options", [["--sampler", "restart", "--steps", 4], ["--grid", "edm", "--steps", 4],
+                                     ["--grid", "uniform", "--steps", 2]])
+def test_sampler_and_grid_options(trained, tmp_path, options):
+    out = tmp_path / "s.npy"
+    run("sample.py", "--ckpt", trained, "--n", 20, "--out", out, *options)
+    assert np.isfinite(np.load(out)).all()
+
+
+def test_evaluate_prints_the_table_with_the_floor(trained, tmp_path):
+    files = []
+    for steps in (1, 2):
+        files.append(tmp_path / f"{steps}_step.npy")
+        run("sample.py", "--ckpt", trained, "--steps", steps, "--n", 64, "--out", files[-1])
+    result = run("evaluate.py", "--ckpt", trained, "--samples", *files, "--n", 64)
+    assert "real (train vs held-out)" in result.stdout and "1_step" in result.stdout and "SW / floor" in result.stdout
+
+
+def test_class_conditional_images_with_guidance(tmp_path):
+    """digits: a U-Net, labels with dropout, the classifier and guided sampling, end to end."""
+    out, classifier = tmp_path / "digits", tmp_path / "classifier.pt"
+    run("classifier.py", "--data", "digits", "--out", classifier, "--epochs", 1)
+    run("train.py", "--data", "digits", "--out", out, "--iters", 2, "--classifier", classifier, *TINY[:4],
+        "--width", 8, "--eval-samples", 40, "--eval-steps", 1)
+    samples = tmp_path / "digits.npy"
+    run("sample.py", "--ckpt", out, "--steps", 2, "--n", 20, "--cfg", 2.0, "--out", samples)
+    assert np.load(samples).shape == (20, 1, 8, 8)
+    assert np.load(tmp_path / "digits.labels.npy").tolist() == [i % 10 for i in range(20)]
+    result = run("evaluate.py", "--ckpt", out, "--samples", samples, "--classifier", classifier, "--n", 20)
+    assert "FD / floor" in result.stdout and "classes of digits" in result.stdout
+
+
+def test_the_command_line_reports_errors_with_exit_code_2(tmp_path):
+    result = run("sample.py", "--ckpt", tmp_path / "none", "--out", tmp_path / "x.npy", check=False)
+    assert result.returncode == 2 and "error: no checkpoint at" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# The remaining error cases call the scripts' main() in this process (no interpreter start-up per case).
+sys.path.insert(0, str(EXAMPLES))
+
+
+def assert_fails(script: str, argv, message: str, capsys) -> None:
+    """main(argv) of `script` exits with code 2 and `message` on stderr, and no traceback."""
+    main = __import__(script).main
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert message in stderr, stderr
+
+
+def test_bad_arguments_fail_clearly(trained, tmp_path, capsys):
+    new = tmp_path / "new"
+    assert_fails("train", ["--out", new, "--batch", 30, "--group-size", 4], "--batch 30 must be", capsys)
+    assert_fails("train", ["--out", new, "--schedule", "linear"], "invalid choice", capsys)
+    assert_fails("train", ["--out", new, "--param", "euler_fm", "--schedule", "cosine"],
+                 "euler_fm needs --schedule fm", capsys)
+    assert_fails("train", ["--out", new, "--precision", "bf16", "--device", "cpu"], "is for GPUs", capsys)
+    assert_fails("train", ["--out", trained], "already holds a checkpoint", capsys)
+    assert_fails("train", ["--out", trained, "--resume", "--lr", 0.5], "differs from the checkpoint", capsys)
+    out = tmp_path / "x.npy"
+    assert_fails("sample", ["--ckpt", trained, "--steps", 0, "--out", out], "must be >= 1", capsys)
+    assert_fails("sample", ["--ckpt", trained, "--out", tmp_path / "x.txt"], "must name a .npy file", capsys)
+    assert_fails("sample", ["--ckpt", trained, "--steps", 4, "--grid", "eta", "--out", out],
+                 "--grid eta is defined for 1 or 2 steps", capsys)
+    assert_fails("sample", ["--ckpt", trained, "--cfg", 2, "--out", out], "need a class-conditional model", capsys)
+    assert_fails("evaluate", ["--ckpt", trained, "--samples", tmp_path / "none.npy"], "cannot read samples",
+                 capsys)
+
+
+def test_missing_or_corrupt_checkpoint_fails_clearly(trained, tmp_path, capsys):
+    out = tmp_path / "x.npy"
+    assert_fails("sample", ["--ckpt", tmp_path / "none", "--out", out], "no checkpoint at", capsys)
+    assert_fails("train", ["--out", tmp_path / "none", "--resume"], "no checkpoint at", capsys)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "checkpoint.pt").write_bytes((trained / "checkpoint.pt").read_bytes()[:5000])  # truncated
+    assert_fails("sample", ["--ckpt", corrupt, "--out", out], "not a readable checkpoint", capsys)
+    assert_fails("train", ["--out", corrupt, "--resume"], "not a readable checkpoint", capsys)
+    torch.save({"weights": torch.zeros(2)}, corrupt / "checkpoint.pt")  # readable, but not ours
+    assert_fails("sample", ["--ckpt", corrupt, "--out", out], "is not a checkpoint of examples/train.py", capsys)
+
+
+def test_unreadable_data_fails_clearly(tmp_path, capsys):
+    garbage = tmp_path / "points.npy"
+    garbage.write_text("not an array")
+    out = tmp_path / "run"
+    assert_fails("train", ["--data", garbage, "--out", out], "cannot read", capsys)
+    np.save(tmp_path / "cube.npy", np.zeros((30, 2, 2)))
+    assert_fails("train", ["--data", tmp_path / "cube.npy", "--out", out], "N x D array", capsys)
+    assert_fails("train", ["--data", "nosuchset", "--out", out], "neither a known data set", capsys)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(12):
+        (images / f"{i}.png").write_bytes(b"not a png")
+    assert_fails("train", ["--data", images, "--out", out], "cannot read an image", capsys)
+
+
+def test_npy_points_train(tmp_path):
+    points = np.random.default_rng(0).normal(size=(500, 3)) * [1, 2, 3] + 10
+    np.save(tmp_path / "points.npy", points)
+    run("train.py", "--data", tmp_path / "points.npy", "--out", tmp_path / "run", "--iters", 2, *TINY)
+    run("sample.py", "--ckpt", tmp_path / "run", "--steps", 1, "--n", 10, "--out", tmp_path / "p.npy")
+    assert np.load(tmp_path / "p.npy").shape == (10, 3)
