@@ -22,7 +22,7 @@ from common import SIGMA_DATA, ExampleError
 TOY_SETS = ("checkerboard", "8gaussians", "moons", "spirals")
 IMAGE_SETS = ("digits", "mnist")
 TOY_TRAIN_SIZE, TOY_HELDOUT_SIZE = 200_000, 5_000
-HELDOUT_FRACTION = 0.1  # for .npy files and image folders
+HELDOUT_FRACTION = 0.1  # for .npy files and image folders (digits: 0.2)
 SPLIT_SEED = 0  # the train / held-out split never depends on the training seed
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
@@ -65,6 +65,13 @@ def load(spec: str, *, image_size: int | None = None) -> Dataset:
         return _npy_points(path)
     raise ExampleError(f"--data {spec!r} is neither a known data set ({', '.join(TOY_SETS + IMAGE_SETS)}) "
                        "nor an existing .npy file or image folder")
+
+
+def _split(n: int, heldout_fraction: float = HELDOUT_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) indices of a fixed random split."""
+    order = np.random.default_rng(SPLIT_SEED).permutation(n)
+    n_heldout = max(1, int(n * heldout_fraction))
+    return order[n_heldout:], order[:n_heldout]
 
 
 # ---- 2-D toys, in their usual units (as in FFJORD's toy suite) ----
@@ -126,9 +133,8 @@ def _npy_points(path: Path) -> Dataset:
     points = points.astype(np.float64)
     if not np.isfinite(points).all():
         raise ExampleError(f"{path} holds NaN or infinite values")
-    order = np.random.default_rng(SPLIT_SEED).permutation(len(points))
-    n_heldout = max(1, int(len(points) * HELDOUT_FRACTION))
-    return _points(str(path), points[order[n_heldout:]], points[order[:n_heldout]])
+    train, heldout = _split(len(points))
+    return _points(str(path), points[train], points[heldout])
 
 
 # ---- images, scaled to [-1, 1] ----
@@ -145,20 +151,13 @@ def _images(name, train, train_labels, heldout, heldout_labels, num_classes) -> 
                    labels(heldout_labels), num_classes, torch.tensor(0.5), torch.tensor(0.5))
 
 
-def _split(n: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.random.default_rng(SPLIT_SEED).permutation(n)
-    n_heldout = max(1, int(n * HELDOUT_FRACTION))
-    return order[n_heldout:], order[:n_heldout]
-
-
 def _digits() -> Dataset:
     """sklearn's 1,797 8x8 digits (values 0..16); 20% held out, as there are few."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = (digits.images / 16.0)[:, None]
-    order = np.random.default_rng(SPLIT_SEED).permutation(len(images))
-    train, heldout = order[len(images) // 5:], order[:len(images) // 5]
+    train, heldout = _split(len(images), 0.2)
     return _images("digits", images[train], digits.target[train], images[heldout], digits.target[heldout], 10)
 
 

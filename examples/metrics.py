@@ -4,8 +4,8 @@ n training samples and the n held-out ones (what a perfect generator would score
 Points (in the data's own units):
   SW     sliced 2-Wasserstein distance: sqrt of the mean over 1,000 random unit directions (fixed seed, the
          same for every row) of the squared 1-D 2-Wasserstein distance of the projections; with equally
-         many points that is the mean squared difference of the sorted projections (POT's
-         sliced_wasserstein_distance with p = 2 computes the same quantity).
+         many points that is the mean squared difference of the sorted projections (the quantity POT's
+         sliced_wasserstein_distance estimates with p = 2).
   MMD    sqrt of the biased (V-statistic) MMD^2 with the Gaussian kernel exp(-|x - y|^2 / h), h the median
          squared distance between held-out points.
   precision / recall   the k-nearest-neighbour manifold estimates of Kynkaenniemi et al. (2019) with k = 5,

@@ -64,11 +64,12 @@ def r_from_st(s, t, *, k: float = 12, schedule: str = "fm", T: float | None = No
     T = DEFAULT_T[schedule] if T is None else T
     _validate.time_range(T, eps_t)
     s, t = _pair(s, t)
-    step = (eta(T, schedule) - eta(eps_t, schedule)).to(t.dtype) / 2.0**k
-    r = eta_inv(eta(t, schedule) - step, schedule)
-    if delta is not None:
-        r = torch.minimum(r, t - delta)
-    return torch.maximum(s, r)
+    eta_min = eta(eps_t, schedule).to(t.dtype)
+    step = (eta(T, schedule).to(t.dtype) - eta_min) / 2.0**k
+    # A large step (small k) can pass below eta(eps_t), where eta_inv leaves [0, 1] (fm: eta <= -1 gives r > 1).
+    r = eta_inv(torch.clamp(eta(t, schedule) - step, min=eta_min), schedule)
+    # r <= t - delta (the spec's fp16 form); delta = 0 still catches eta_inv(eta(t)) rounding above t.
+    return torch.maximum(s, torch.minimum(r, t - (0.0 if delta is None else delta)))
 
 
 def sample_times(num_groups: int, *, schedule: str = "fm", k: float = 12, T: float | None = None,

@@ -69,6 +69,17 @@ def test_r_from_st(schedule):
     assert (r_fp16 <= torch.maximum(s, t - 1e-3)).all()
 
 
+@pytest.mark.parametrize("schedule", ["fm", "cosine"])
+@pytest.mark.parametrize("k", [0, 1, 3, 7, 12])
+def test_r_stays_between_s_and_t_for_any_k(schedule, k):
+    """Small k makes the eta step larger than eta(t): r must still land in [s, t], never outside [0, 1]."""
+    eps_t = 0.006 if schedule == "fm" else 0.0
+    t = torch.linspace(eps_t, schedules.DEFAULT_T[schedule], 50, dtype=torch.float64)
+    s = eps_t + (t - eps_t) * 0.3
+    r = imm.r_from_st(s, t, k=k, schedule=schedule, eps_t=eps_t)
+    assert (s <= r).all() and (r <= t).all()
+
+
 def test_sample_times():
     g = torch.Generator().manual_seed(0)
     s, r, t = imm.sample_times(4096, schedule="fm", k=12, eps_t=0.006, generator=g)
