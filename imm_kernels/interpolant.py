@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch, _native, _validate, reference
+from .schedules import SCHEDULES
 
 
 def combine_outputs(src0: Tensor, write0: bool, write1: bool):
@@ -101,7 +102,7 @@ def _apply(name0, in0, name1, in1, times, kind, outputs, schedule, param, sigma_
 
 def interpolate(x: Tensor, noise: Tensor, t, *, schedule: str = "fm", backend: str = "auto") -> Tensor:
     """x_t = alpha_t x + sigma_t noise; t a float or (B,) per-sample times in [0, 1]."""
-    _validate.choice("schedule", schedule, ("fm", "cosine"))
+    _validate.choice("schedule", schedule, SCHEDULES)
     out, backend = _apply("x", x, "noise", noise, (("t", t), ("t", t)), "interpolate", 1, schedule, "simple_edm",
                           1.0, backend)
     return reference.interpolate(x, noise, t, schedule=schedule) if backend == "reference" else out
@@ -109,7 +110,7 @@ def interpolate(x: Tensor, noise: Tensor, t, *, schedule: str = "fm", backend: s
 
 def interpolate_pair(x: Tensor, noise: Tensor, t, r, *, schedule: str = "fm", backend: str = "auto"):
     """(x_t, x_r) from the same x and noise in one pass over them."""
-    _validate.choice("schedule", schedule, ("fm", "cosine"))
+    _validate.choice("schedule", schedule, SCHEDULES)
     out, backend = _apply("x", x, "noise", noise, (("t", t), ("r", r)), "interpolate", 2, schedule, "simple_edm",
                           1.0, backend)
     return reference.interpolate_pair(x, noise, t, r, schedule=schedule) if backend == "reference" else out
@@ -129,7 +130,7 @@ def imm_output(x_t: Tensor, g: Tensor, s, t, *, schedule: str = "fm", param: str
 
 def ddim(x_t: Tensor, x_hat: Tensor, s, t, *, schedule: str = "fm", backend: str = "auto") -> Tensor:
     """DDIM(x_t, x_hat, s, t): moves x_t at time t to time s <= t given the clean estimate x_hat."""
-    _validate.choice("schedule", schedule, ("fm", "cosine"))
+    _validate.choice("schedule", schedule, SCHEDULES)
     out, backend = _apply("x_t", x_t, "x_hat", x_hat, (("s", s), ("t", t)), "imm_output", 1, schedule, "identity",
                           1.0, backend)
     return reference.ddim(x_t, x_hat, s, t, schedule=schedule) if backend == "reference" else out
