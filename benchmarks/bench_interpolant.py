@@ -11,7 +11,7 @@ import torch
 import imm_kernels
 from imm_kernels import reference
 
-from .harness import DEVICES, SMOKE, input_sets, peak_extra_bytes, record, sync, time_ms
+from .harness import DEVICES, SMOKE, input_sets, native_providers, peak_extra_bytes, record, sync, time_ms
 
 SHAPES = {  # (B, features)
     "cuda": [(4096, 4096), (4096, 3072), (64, 196608)],
@@ -44,9 +44,7 @@ def provider_fn(op: str, name: str):
 
 
 def providers(device: str) -> list[str]:
-    native = [f"imm_{b}" for b in imm_kernels.available_backends(device) if b not in ("reference", "triton")
-              or device == "cuda"]
-    return native + ["eager", "compiled"]
+    return native_providers(device) + ["eager", "compiled"]
 
 
 CASES = [pytest.param(d, s, p, id=f"{d}-{'x'.join(map(str, s))}-{p}") for d in DEVICES for s in SHAPES[d]

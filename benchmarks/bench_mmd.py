@@ -12,7 +12,7 @@ import torch
 import imm_kernels
 from imm_kernels import reference
 
-from .harness import DEVICES, SMOKE, input_sets, peak_extra_bytes, record, sync, time_ms
+from .harness import DEVICES, SMOKE, input_sets, native_providers, peak_extra_bytes, record, sync, time_ms
 
 SHAPES = {  # (G, M, D)
     "cuda": [(1024, 4, 4096), (512, 8, 3072), (64, 16, 16384), (8, 8, 196608)],
@@ -64,9 +64,7 @@ def provider_fn(name: str):
 
 
 def providers(device: str) -> list[str]:
-    native = [f"imm_{b}" for b in imm_kernels.available_backends(device) if b not in ("reference", "triton")
-              or device == "cuda"]
-    return native + ["eager", "compiled", "cdist", "geomloss", "torch_sum"]
+    return native_providers(device) + ["eager", "compiled", "cdist", "geomloss", "torch_sum"]
 
 
 CASES = [pytest.param(d, s, p, id=f"{d}-{'x'.join(map(str, s))}-{p}") for d in DEVICES for s in SHAPES[d]

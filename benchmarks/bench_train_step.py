@@ -10,7 +10,7 @@ import torch
 import imm_kernels
 from imm_kernels import imm, reference
 
-from .harness import DEVICES, SMOKE, peak_extra_bytes, record, sync, time_ms
+from .harness import DEVICES, SMOKE, native_providers, peak_extra_bytes, record, sync, time_ms
 
 FEATURES, GROUP = 3 * 32 * 32, 4
 BATCH = {"cuda": 4096, "cpu": 256}
@@ -49,9 +49,7 @@ class BackendOps:
 
 
 def providers(device: str) -> list[str]:
-    native = [f"imm_{b}" for b in imm_kernels.available_backends(device) if b not in ("reference", "triton")
-              or device == "cuda"]
-    return native + ["eager"]
+    return native_providers(device) + ["eager"]
 
 
 CASES = [pytest.param(d, p, id=f"{d}-{p}") for d in DEVICES for p in providers(d)]

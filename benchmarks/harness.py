@@ -17,6 +17,15 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SMOKE = os.environ.get("IMM_BENCH_SIZE", "full") == "smoke"
 
 
+def native_providers(device: str) -> list[str]:
+    """The imm_kernels backends timed on `device`, as providers "imm_<backend>" (Triton only on GPUs: the
+    interpreter on CPU tensors is a correctness tool, not a measurement)."""
+    import imm_kernels
+
+    return [f"imm_{b}" for b in imm_kernels.available_backends(device)
+            if b != "reference" and (b != "triton" or device == "cuda")]
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
