@@ -16,7 +16,6 @@ namespace {
 
 constexpr int64_t kTile = 256;               // features per tile: 3 x M rows of it stay in L1 or L2
 constexpr int64_t kMinSplitFeatures = 4096;  // a thread's share of D is never smaller than this
-constexpr int64_t kCacheLine = 64;
 constexpr int64_t kLanes = 16;               // partial sums per pair statistic: one AVX-512 register of floats
 
 // Stats of one group over a feature range, 5 blocks of M*M, per ordered pair (i, j):
@@ -41,11 +40,6 @@ inline void load_tile(const MmdProblem& p, int64_t g, int64_t d0, int64_t n, Acc
       yi[c] = load<Acc>(rr[c]);
     }
     for (int64_t c = n; c < kTile; ++c) xi[c] = yi[c] = Acc(0);
-    // The next tile of these rows arrives while this one is computed on (the rows are separate streams).
-    for (int64_t c = kTile; c < 2 * kTile && d0 + c < p.features; c += kCacheLine / int64_t(sizeof(In))) {
-      __builtin_prefetch(rt + c);
-      __builtin_prefetch(rr + c);
-    }
 #pragma omp simd
     for (int64_t c = 0; c < kTile; ++c) di[c] = xi[c] - yi[c];
   }
