@@ -12,7 +12,9 @@ from functools import cache
 
 import torch
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+#: IMM_BENCH_DEVICES=cuda keeps only the GPU cases (e.g. on a GPU host whose CPU numbers nobody wants).
+DEVICES = [d for d in ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+           if d in os.environ.get("IMM_BENCH_DEVICES", d).split(",")]
 #: IMM_BENCH_SIZE=smoke runs tiny shapes and one repetition: the CI guard against rot, not a measurement.
 SMOKE = os.environ.get("IMM_BENCH_SIZE", "full") == "smoke"
 

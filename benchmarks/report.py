@@ -1,5 +1,5 @@
-"""Markdown tables and a plot from a pytest-benchmark JSON file written by `pytest benchmarks/
---benchmark-json RUN.json`:  python -m benchmarks.report RUN.json [--plot RUN.png]
+"""Markdown tables and a plot from pytest-benchmark JSON files written by `pytest benchmarks/
+--benchmark-json RUN.json`:  python -m benchmarks.report RUN.json [MORE.json ...] [--plot RUN.png]
 
 Per op, mode, device and dtype: one row per shape, the median time of each provider, and for the
 imm_kernels providers the speedup over the eager reference and over torch.compile of it (same run), the
@@ -98,12 +98,16 @@ def plot(results: list[dict], path: str) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", help="pytest-benchmark JSON (pytest benchmarks/ --benchmark-json RUN.json)")
+    parser.add_argument("runs", nargs="+", metavar="RUN.json",
+                        help="pytest-benchmark JSON (pytest benchmarks/ --benchmark-json RUN.json); several merge")
     parser.add_argument("--plot", help="write a PNG of time and memory per shape and provider here")
     args = parser.parse_args(argv)
-    results, machine = load(args.run)
+    results, machine = [], {}
+    for path in args.runs:
+        found, machine = load(path)
+        results += found
     if not results:
-        raise SystemExit(f"{args.run}: no imm_kernels benchmark results in it")
+        raise SystemExit(f"{', '.join(args.runs)}: no imm_kernels benchmark results in them")
     print(f"machine: {machine.get('cpu', {}).get('brand_raw', machine.get('machine', '?'))}")
     print(tables(results))
     if args.plot:

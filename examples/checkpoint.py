@@ -49,6 +49,7 @@ def load(location) -> dict:
         raise ExampleError(f"{path} is not a readable checkpoint (corrupt or truncated?): {error}") from error
     if not isinstance(state, dict) or state.get("format") != FORMAT or any(k not in state for k in KEYS):
         raise ExampleError(f"{path} is not a checkpoint of examples/train.py (format {FORMAT})")
+    state["config"].setdefault("method", "imm")  # written before train.py had --method
     return state
 
 

@@ -1,8 +1,10 @@
-"""What every example script shares: the error users see, the CLI wrapper that prints it, and the
-IMM one-step map f_{s,t} built from a network (used by training and by the samplers alike)."""
+"""What every example script shares: the error users see, the CLI wrapper that prints it, the IMM one-step
+map f_{s,t} and the flow-matching velocity built from a network (used by training and by the samplers alike),
+and the training precision and label dropout of every training objective."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 
@@ -62,6 +64,32 @@ def one_step(model, x_t, s, t, labels, *, config: dict, guidance: float = 1.0) -
     g = network_output(model, x_t, s, t, labels, config=config, guidance=guidance).to(x_t.dtype)
     return imm_kernels.imm_output(x_t, g, s, t, schedule=config["schedule"], param=config["param"],
                                   sigma_data=SIGMA_DATA)
+
+
+def velocity(model, x_t, t, labels, *, config: dict, guidance: float = 1.0) -> torch.Tensor:
+    """The flow-matching baseline's v(x_t, t) = sigma_d G(x_t, t, t), in x_t's dtype: the same network with
+    s = t (it has no second time), trained to regress the fm path's velocity eps - x."""
+    g = network_output(model, x_t, t, t, labels, config=config, guidance=guidance)
+    return (SIGMA_DATA * g).to(x_t.dtype)
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(config: dict, device: torch.device):
+    """The network's precision in training (--precision): autocast for bf16 / fp16, nothing for fp32."""
+    if config["precision"] not in AMP_DTYPES:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[config["precision"]])
+
+
+def drop_labels(model, labels, group_size: int, generator: torch.Generator, config: dict, device):
+    """Label dropout per group of group_size rows (the null class trains the unconditional output); None stays
+    None (unlabelled data)."""
+    if labels is None:
+        return None
+    dropped = torch.rand(labels.shape[0] // group_size, generator=generator) < config["label_dropout"]
+    return torch.where(dropped.repeat_interleave(group_size), model.null_label, labels).to(device)
 
 
 def resolve_device(name: str) -> torch.device:

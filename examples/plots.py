@@ -1,4 +1,5 @@
-"""PNG figures (matplotlib, Agg backend): scatter plots of points, image grids, the loss curve."""
+"""PNG figures (matplotlib, Agg backend): scatter plots of points, image grids, loss curves, and the line
+charts of the reproduction study (examples/reproduce.py)."""
 
 from __future__ import annotations
 
@@ -70,8 +71,56 @@ def loss_curve(log_path, png_path) -> None:
     if (losses > 0).all():
         ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("IMM loss (weighted MMD)")
+    ax.set_ylabel("training loss")
     ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def lines(curves: dict[str, tuple[list, list]], path, *, xlabel: str, ylabel: str, title: str, log: bool) -> None:
+    """One line per name -> (xs, ys); NaN and inf points are left out."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name, (xs, ys) in curves.items():
+        kept = [(x, y) for x, y in zip(xs, ys) if math.isfinite(y)]
+        if kept:
+            ax.plot(*zip(*kept), marker="o", label=name)
+    if log:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def loss_panels(panels: dict[str, list[tuple[list, float]]], path, *, legend: str) -> None:
+    """One panel per name, holding ([[step, loss], ...], value) curves coloured by the value (named `legend`
+    in the key); a shared log scale where every loss is positive."""
+    values = sorted({value for curves in panels.values() for _, value in curves})
+    colours = {v: plt.cm.viridis(i / max(1, len(values) - 1)) for i, v in enumerate(values)}
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3 * rows), squeeze=False, sharey=True)
+    positive = all(loss > 0 for curves in panels.values() for points, _ in curves for _, loss in points
+                   if math.isfinite(loss))
+    for ax, (name, curves) in zip(axes.flat, panels.items()):
+        for points, value in curves:
+            finite = [(step, loss) for step, loss in points if math.isfinite(loss)]
+            if finite:  # markers where a curve is too short to show as a line
+                ax.plot(*zip(*finite), lw=0.7, alpha=0.7, color=colours[value], marker="o" if len(finite) < 3 else None)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step")
+        if positive:
+            ax.set_yscale("log")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles = [plt.Line2D([], [], color=colours[v], label=f"{legend} {v:g}") for v in values]
+    fig.legend(handles=handles, loc="upper right", fontsize=8)
+    axes[0][0].set_ylabel("training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)

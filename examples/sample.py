@@ -1,7 +1,11 @@
-"""Few-step IMM sampling from a checkpoint of train.py (IMM_SPEC section 5).
+"""Few-step sampling from a checkpoint of train.py: IMM (IMM_SPEC section 5) and the baselines.
 
-    python examples/sample.py --ckpt DIR --steps 2 --n 5000 --out samples.npy [--sampler pushforward|restart]
-        [--grid auto|uniform|eta|edm] [--cfg W] [--label C] [--seed S]
+    python examples/sample.py --ckpt DIR --steps 2 --n 5000 --out samples.npy
+        [--sampler auto|pushforward|restart|euler|heun] [--grid auto|uniform|eta|edm] [--cfg W] [--label C] [--seed S]
+
+Samplers: pushforward (IMM's default) and restart (the multistep consistency sampler, ct's default) apply
+f_{s,t}; euler (fm's default) and heun integrate a flow-matching model's dx/dt = v, heun with two network
+evaluations per step (--steps counts steps, not evaluations).
 
 Writes FILE.npy (points in the data's units, or images N x C x H x W in [0, 1]), FILE.png beside it, and
 FILE.labels.npy for a class-conditional model. Sampling uses the EMA weights; the state stays in float64
@@ -19,20 +23,20 @@ import torch
 import checkpoint
 import imm_kernels
 import plots
-from common import SIGMA_DATA, ExampleError, cli, one_step, resolve_device
+from common import SIGMA_DATA, ExampleError, cli, one_step, resolve_device, velocity
 from data import to_data
 from imm_kernels import schedules
 
-SAMPLERS = ("pushforward", "restart")
+# Which samplers fit which training method (train.py --method), the first being its default.
+METHOD_SAMPLERS = {"imm": ("pushforward", "restart"), "ct": ("restart", "pushforward"), "fm": ("euler", "heun")}
+SAMPLERS = ("auto", "pushforward", "restart", "euler", "heun")
 GRIDS = ("auto", "uniform", "eta", "edm")
 EDM_RHO = 7
 TWO_STEP_ETA = 1.4  # the paper's middle point for 2 steps (t = 0.583 on fm)
 
 
 def time_grid(steps: int, grid: str, *, schedule: str, T: float, eps_t: float) -> torch.Tensor:
-    """Times t_N = T > ... > t_0 = eps_t, float64. auto: eta for 1-2 steps, else edm."""
-    if grid == "auto":
-        grid = "eta" if steps <= 2 else "edm"
+    """Times t_N = T > ... > t_0 = eps_t, float64."""
     if grid == "uniform":
         return torch.linspace(T, eps_t, steps + 1, dtype=torch.float64)
     if grid == "eta":
@@ -56,11 +60,25 @@ def class_labels(n: int, num_classes: int, label: int | None = None) -> torch.Te
     return torch.full((n,), label, dtype=torch.long) if label is not None else torch.arange(n) % num_classes
 
 
+def resolve_sampler(method: str, sampler: str, grid: str, steps: int) -> tuple[str, str]:
+    """(sampler, grid) with "auto" made concrete: the method's default sampler; for the time grid, uniform
+    for flow-matching ODE steps, else eta for 1-2 steps (IMM's two-step middle point) and edm beyond."""
+    allowed = METHOD_SAMPLERS[method]
+    sampler = allowed[0] if sampler == "auto" else sampler
+    if sampler not in allowed:
+        raise ExampleError(f"--sampler {sampler} does not fit a model trained with --method {method}; use one of "
+                           f"{', '.join(allowed)}")
+    if grid == "auto":
+        grid = "uniform" if method == "fm" else "eta" if steps <= 2 else "edm"
+    return sampler, grid
+
+
 @torch.no_grad()
 def generate(model, config: dict, sample_shape, n: int, labels: torch.Tensor | None, *, steps: int,
-             sampler: str = "pushforward", grid: str = "auto", guidance: float = 1.0,
+             sampler: str = "auto", grid: str = "auto", guidance: float = 1.0,
              generator: torch.Generator, device, batch: int = 4096) -> torch.Tensor:
     """n samples in model space, float64 on the CPU, generated `batch` at a time."""
+    sampler, grid = resolve_sampler(config["method"], sampler, grid, steps)
     times = time_grid(steps, grid, schedule=config["schedule"], T=config["T"], eps_t=config["eps_t"])
     chunks = []
     for start in range(0, n, batch):
@@ -83,10 +101,18 @@ def _sample_chunk(model, config: dict, sample_shape, labels, n: int, times: torc
     def full(value):
         return torch.full((n,), float(value), dtype=torch.float64, device=device)
 
+    def v(x, t):
+        return velocity(model, x, full(t), labels, config=config, guidance=guidance)
+
     x = noise()
     for t, s in zip(times[:-1], times[1:]):
         if sampler == "pushforward":
             x = one_step(model, x, full(s), full(t), labels, config=config, guidance=guidance)
+        elif sampler == "euler":
+            x = x + (s - t) * v(x, t)
+        elif sampler == "heun":  # the Euler step's slope averaged with the slope where it lands
+            slope = v(x, t)
+            x = x + (s - t) * 0.5 * (slope + v(x + (s - t) * slope, s))
         else:  # restart: jump to eps_t, then re-noise with fresh eps to s
             x = one_step(model, x, full(eps_t), full(t), labels, config=config, guidance=guidance)
             if float(s) > eps_t:
@@ -98,9 +124,11 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description="Few-step sampling from an IMM checkpoint of train.py.")
     parser.add_argument("--ckpt", required=True, help="a train.py output folder (or its checkpoint.pt)")
     parser.add_argument("--steps", type=int, default=2, help="number of network evaluations (default 2)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="pushforward")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="auto",
+                        help="auto (default): pushforward for imm, restart for ct, euler for fm")
     parser.add_argument("--grid", choices=GRIDS, default="auto",
-                        help="auto (default): eta for 1-2 steps (middle point at eta = 1.4), else edm (rho 7)")
+                        help="auto (default): uniform for fm; else eta for 1-2 steps (middle point at eta = 1.4), "
+                             "else edm (rho 7)")
     parser.add_argument("--cfg", type=float, default=1.0,
                         help="classifier-free guidance scale w (class-conditional models; 1 = no guidance)")
     parser.add_argument("--label", type=int, help="sample this class only (default: all classes equally)")
@@ -141,7 +169,8 @@ def main(argv=None):
     np.save(out, samples)
     if labels is not None:
         np.save(out.with_suffix(".labels.npy"), labels.numpy())
-    title = f"IMM, {args.steps} step{'s' * (args.steps > 1)} ({args.sampler}), step {state['step']}"
+    sampler, _ = resolve_sampler(config["method"], args.sampler, args.grid, args.steps)
+    title = f"{config['method'].upper()}, {args.steps} step{'s' * (args.steps > 1)} ({sampler}), step {state['step']}"
     plots.samples(info["kind"], {title: samples}, out.with_suffix(".png"))
     print(f"wrote {args.n} samples to {out} and {out.with_suffix('.png')}")
 

@@ -37,13 +37,16 @@ import metrics
 import models
 import plots
 from classifier import load_classifier
-from common import SIGMA_DATA, ExampleError, cli, one_step, resolve_device
+from baselines import ct_loss, fm_loss
+from common import SIGMA_DATA, ExampleError, autocast, cli, drop_labels, one_step, resolve_device
 from imm_kernels import imm
 from imm_kernels.schedules import DEFAULT_T, SCHEDULES
 from sample import class_labels, generate
 
 # The training math: fixed by the checkpoint on --resume. None = decided from the data / device.
 TRAINING_OPTIONS = {
+    "method": (("imm", "fm", "ct"), "imm", "training objective: imm, or a baseline of examples/baselines.py: fm "
+                                            "(flow matching) or ct (consistency training)"),
     "data": (str, "checkerboard", "checkerboard, 8gaussians, moons, spirals, digits, mnist, a .npy file of "
                                   "points (N x D) or a folder of images (class = subfolder)"),
     "image_size": (int, None, "resize a folder's images to this size (default: the first image's)"),
@@ -112,14 +115,16 @@ def training_config(args, saved: dict | None) -> dict:
     """The options of TRAINING_OPTIONS: the checkpoint's on --resume (an option given again must agree),
     else the command line's over the defaults."""
     given = {name: getattr(args, name) for name in TRAINING_OPTIONS if getattr(args, name) is not None}
+    defaults = {name: default for name, (_, default, _) in TRAINING_OPTIONS.items()}
     if saved is None:
-        return {name: default for name, (_, default, _) in TRAINING_OPTIONS.items()} | given
+        return defaults | given
+    saved = defaults | saved  # options newer than the checkpoint keep their defaults (e.g. --method imm)
     for name, value in given.items():
         if value != saved.get(name):
             raise ExampleError(f"--{name.replace('_', '-')} {value} differs from the checkpoint's "
                                f"{saved.get(name)}; a resumed run keeps its settings (drop the option or "
                                "use a new --out)")
-    return dict(saved)
+    return saved
 
 
 def complete_config(config: dict, dataset: data.Dataset, device: torch.device, world_size: int) -> dict:
@@ -133,8 +138,8 @@ def complete_config(config: dict, dataset: data.Dataset, device: torch.device, w
         config["precision"] = "bf16" if device.type == "cuda" else "fp32"
     if config["precision"] != "fp32" and device.type != "cuda":
         raise ExampleError(f"--precision {config['precision']} is for GPUs; this run is on {device}")
-    if config["param"] == "euler_fm" and config["schedule"] != "fm":
-        raise ExampleError("--param euler_fm needs --schedule fm")
+    if config["schedule"] != "fm" and (config["param"] == "euler_fm" or config["method"] == "fm"):
+        raise ExampleError("--param euler_fm and --method fm need --schedule fm")
     if not 0 <= config["eps_t"] < config["T"] <= 1:
         raise ExampleError(f"need 0 <= --eps-t < --T <= 1; got {config['eps_t']} and {config['T']}")
     per_rank = config["group_size"] * world_size
@@ -149,9 +154,6 @@ def complete_config(config: dict, dataset: data.Dataset, device: torch.device, w
     return config
 
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def learning_rate(step: int, config: dict) -> float:
     """Linear warm-up, then cosine decay to 0 at --iters (it sharpens the samples of short runs)."""
     warmup = min(1.0, (step + 1) / config["warmup"]) if config["warmup"] else 1.0
@@ -163,9 +165,7 @@ def imm_loss(model, online, x, labels, generator: torch.Generator, config: dict,
     online: the same network, DDP-wrapped when distributed (for the pass with gradient)."""
     m = config["group_size"]
     groups = x.shape[0] // m
-    if labels is not None:  # label dropout, per group: the null class trains the unconditional output
-        dropped = torch.rand(groups, generator=generator) < config["label_dropout"]
-        labels = torch.where(dropped.repeat_interleave(m), model.null_label, labels).to(device)
+    labels = drop_labels(model, labels, m, generator, config, device)
     delta = 1e-4 if config["precision"] == "fp16" else None  # keeps r < t where fp16 cannot tell them apart
     s, r, t = imm.sample_times(groups, schedule=config["schedule"], k=config["k"], T=config["T"],
                                eps_t=config["eps_t"], delta=delta, generator=generator, dtype=torch.float64)
@@ -173,8 +173,7 @@ def imm_loss(model, online, x, labels, generator: torch.Generator, config: dict,
     x, eps = x.to(device), eps.to(device)
     s_rows, r_rows, t_rows = (v.repeat_interleave(m).to(device) for v in (s, r, t))
     x_t, x_r = imm_kernels.interpolate_pair(x, eps, t_rows, r_rows, schedule=config["schedule"])
-    with torch.autocast(device.type, dtype=AMP_DTYPES.get(config["precision"]),
-                        enabled=config["precision"] in AMP_DTYPES):
+    with autocast(config, device):
         y_t = one_step(online, x_t, s_rows, t_rows, labels, config=config)
         with torch.no_grad():
             y_r = one_step(model, x_r, s_rows, r_rows, labels, config=config)
@@ -184,13 +183,25 @@ def imm_loss(model, online, x, labels, generator: torch.Generator, config: dict,
                                 bandwidth=bandwidth.to(device), weight=weight.to(device))
 
 
-def setup_distributed() -> tuple[int, int]:
-    """(rank, world size); joins the torchrun process group when WORLD_SIZE > 1."""
+LOSSES = {"imm": imm_loss, "fm": fm_loss, "ct": ct_loss}
+
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); under torchrun (WORLD_SIZE > 1) joins the process group: NCCL with each rank
+    on cuda:LOCAL_RANK when the device is a GPU, gloo on CPUs."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return dist.get_rank(), world_size
-    return 0, 1
+    device = resolve_device(device_name)
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        local_rank, visible = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if local_rank >= visible:
+            raise ExampleError(f"rank {local_rank} needs cuda:{local_rank} but {visible} GPU(s) are visible: "
+                               "start at most one process per GPU, or pass --device cpu")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world_size, device
 
 
 def gather(obj, world_size: int) -> list:
@@ -244,9 +255,7 @@ def main(argv=None) -> torch.nn.Module:
     if saved is None and checkpoint.path_in(out).exists():
         raise ExampleError(f"{out} already holds a checkpoint: pass --resume, or choose another --out")
     config = training_config(args, saved and saved["config"])
-    rank, world_size = setup_distributed()
-    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if world_size > 1 and
-              torch.cuda.is_available() else resolve_device(args.device))
+    rank, world_size, device = setup_distributed(args.device)
     dataset = data.load(config["data"], image_size=config["image_size"])
     config = complete_config(config, dataset, device, world_size)
     if saved is not None and len(saved["rng_states"]) != world_size:
@@ -308,7 +317,7 @@ def main(argv=None) -> torch.nn.Module:
         x, labels = sampler(local_batch, generator)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
-        loss = imm_loss(model, online, x, labels, generator, config, device)
+        loss = LOSSES[config["method"]](model, online, x, labels, generator, config, device)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)

@@ -74,7 +74,10 @@ class MMDLossFunction(torch.autograd.Function):
         ctx.save_for_backward(grad_t, grad_r)
         ctx.per_group = reduction == "none"
         ctx.groups = groups
-        return (loss if ctx.per_group else loss.sum()).to(y_t.dtype)
+        # copy=True: a new tensor even where y_t is in the accumulation dtype already. Dynamo in torch 2.11 returns the
+        # forward's intermediates (here `loss`, its sum) too, and an output that is one of them gets a zero gradient
+        # (pytorch#180642).
+        return (loss if ctx.per_group else loss.sum()).to(y_t.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, grad_output):

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The whole check on a machine with an NVIDIA GPU, from a clean checkout, offline: builds imm_kernels with the
 # CUDA extension for this GPU's architecture into the current python (editable, no downloads), runs the test
-# suite (the cuda and triton backends join the parametrization by themselves) and the benchmarks, and writes a
-# markdown summary to $OUT/gpu_check.md (or ./gpu_check.md), logs beside it.
+# suite (the cuda and triton backends join the parametrization by themselves), a short GPU run of the trainer
+# and the GPU benchmarks, and writes a markdown summary with the benchmark tables to $OUT/gpu_check.md (or
+# ./gpu_check.md), logs, JSON and a plot beside it.
 # Needs: nvidia-smi, nvcc (PATH or CUDACXX), and in the python: torch (CUDA build), scikit-build-core,
-# pybind11, pytest, hypothesis, and cmake (triton and pytest-benchmark are used where present).
-# Usage: bash tests/gpu_check.sh [extra pytest arguments for the test suite]   (PYTHON=... picks the python)
+# pybind11, pytest, pytest-benchmark, hypothesis, matplotlib, tqdm and cmake (triton and pytest-xdist are used
+# where present).
+# Usage: bash tests/gpu_check.sh [extra pytest arguments for the test suite]   (PYTHON=... picks the python;
+# IMM_TESTS_TIMEOUT_S and IMM_BENCH_TIMEOUT_S bound the test suite and all benchmarks, in seconds)
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -15,8 +18,6 @@ mkdir -p "$REPORT_DIR"
 SUMMARY="$REPORT_DIR/gpu_check.md"
 BUILD_LOG="$REPORT_DIR/gpu_check_build.log"
 TESTS_LOG="$REPORT_DIR/gpu_check_tests.log"
-BENCH_LOG="$REPORT_DIR/gpu_check_benchmarks.log"
-BENCH_JSON="$REPORT_DIR/gpu_check_benchmarks.json"
 
 fail() {  # a summary that says what stopped the check, then exit 1
   printf '# imm_kernels GPU check: not run\n\n%s\n' "$1" >"$SUMMARY"
@@ -29,7 +30,7 @@ missing=()
 command -v nvidia-smi >/dev/null || missing+=("nvidia-smi (no NVIDIA driver?)")
 NVCC=${CUDACXX:-$(command -v nvcc || true)}
 [ -n "$NVCC" ] || missing+=("nvcc (put CUDA's bin folder on PATH or set CUDACXX)")
-for module in torch scikit_build_core pybind11 pytest hypothesis numpy; do
+for module in torch scikit_build_core pybind11 pytest pytest_benchmark hypothesis numpy matplotlib tqdm; do
   "$PY" -c "import $module" 2>/dev/null || missing+=("python module $module")
 done
 command -v cmake >/dev/null || "$PY" -c "import cmake" 2>/dev/null || missing+=("cmake (>= 3.18)")
@@ -53,36 +54,78 @@ BUILD_SECONDS=$(($(date +%s) - start))
 BACKENDS=$("$PY" -c "import imm_kernels; print(', '.join(imm_kernels.available_backends('cuda')))" 2>&1)
 case "$BACKENDS" in *cuda*) ;; *) fail "built, but the cuda backend is unavailable: $BACKENDS" ;; esac
 
+# Optional limits (seconds; 0 = none) for a time-boxed machine: a stage cut short still reports what finished.
+TESTS_LIMIT=${IMM_TESTS_TIMEOUT_S:-0}
+BENCH_LIMIT=${IMM_BENCH_TIMEOUT_S:-0}  # all benchmark files together
+limited() {  # limited SECONDS COMMAND...: SIGINT at the limit, so pytest still writes its reports
+  local seconds=$1
+  shift
+  if [ "$seconds" -gt 0 ]; then timeout -s INT -k 30 "$seconds" "$@"; else "$@"; fi
+}
+
+# pytest-xdist, where present, spreads the suite (mostly Triton compilation) over the host's cores.
+test_args=()
+if "$PY" -c "import xdist" 2>/dev/null; then
+  test_args+=(-n "${IMM_TEST_WORKERS:-$(( $(nproc) > 16 ? 8 : ($(nproc) + 1) / 2 ))}")
+fi
 echo "gpu_check: test suite (log: $TESTS_LOG)"
-"$PY" -m pytest tests -p no:cacheprovider -q -rfE --junitxml="$REPORT_DIR/gpu_check_tests.xml" "$@" >"$TESTS_LOG" 2>&1
+limited "$TESTS_LIMIT" "$PY" -m pytest tests -p no:cacheprovider -q -rfE "${test_args[@]}" \
+  --junitxml="$REPORT_DIR/gpu_check_tests.xml" "$@" >"$TESTS_LOG" 2>&1
 TESTS_STATUS=$?
 
-BENCH_STATUS=none
-if compgen -G "benchmarks/bench_*.py" >/dev/null || compgen -G "benchmarks/test_*.py" >/dev/null; then
-  echo "gpu_check: benchmarks (log: $BENCH_LOG)"
-  bench_args=()
-  "$PY" -c "import pytest_benchmark" 2>/dev/null && bench_args+=("--benchmark-json=$BENCH_JSON")
-  "$PY" -m pytest benchmarks -p no:cacheprovider -q -rfE --junitxml="$REPORT_DIR/gpu_check_benchmarks.xml" \
-    "${bench_args[@]}" >"$BENCH_LOG" 2>&1
-  BENCH_STATUS=$?
+# The trainer on the GPU: bf16 autocast, and fp16 with its GradScaler through torchrun (NCCL), briefly.
+TRAIN_LOG="$REPORT_DIR/gpu_check_trainer.log"
+echo "gpu_check: trainer (log: $TRAIN_LOG)"
+runs=$(mktemp -d)
+{  # bounded like the test suite
+  limited "$TESTS_LIMIT" "$PY" examples/train.py --data checkerboard --out "$runs/bf16" --iters 300 \
+    --precision bf16 --device cuda &&
+  limited "$TESTS_LIMIT" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 examples/train.py --data digits \
+    --out "$runs/fp16" --iters 200 --batch 256 --group-size 4 --precision fp16 --device cuda
+} >"$TRAIN_LOG" 2>&1
+TRAIN_STATUS=$?
+[ "$TRAIN_STATUS" -eq 0 ] || tail -n 20 "$TRAIN_LOG" >&2
+
+# One pytest run (and JSON) per benchmark file, GPU cases only unless IMM_BENCH_DEVICES says otherwise.
+export IMM_BENCH_DEVICES=${IMM_BENCH_DEVICES:-cuda}
+BENCH_STATUS=0
+bench_json=()
+bench_deadline=$(($(date +%s) + BENCH_LIMIT))
+for name in bench_mmd bench_interpolant bench_train_step; do  # the loss first: it matters most
+  left=0
+  if [ "$BENCH_LIMIT" -gt 0 ]; then
+    left=$((bench_deadline - $(date +%s)))
+    [ "$left" -gt 10 ] || { echo "gpu_check: $name skipped: IMM_BENCH_TIMEOUT_S spent" >&2; BENCH_STATUS=1; continue; }
+  fi
+  echo "gpu_check: $name (log: $REPORT_DIR/gpu_check_$name.log)"
+  limited "$left" "$PY" -m pytest "benchmarks/$name.py" -p no:cacheprovider -q -rfE \
+    --junitxml="$REPORT_DIR/gpu_check_$name.xml" --benchmark-json="$REPORT_DIR/gpu_check_$name.json" \
+    >"$REPORT_DIR/gpu_check_$name.log" 2>&1 || BENCH_STATUS=1
+  [ -s "$REPORT_DIR/gpu_check_$name.json" ] && bench_json+=("$REPORT_DIR/gpu_check_$name.json")
+done
+if [ ${#bench_json[@]} -gt 0 ]; then
+  "$PY" -m benchmarks.report "${bench_json[@]}" --plot "$REPORT_DIR/gpu_check_benchmarks.png" \
+    >"$REPORT_DIR/gpu_check_benchmarks.md" 2>&1 || BENCH_STATUS=1
 fi
 
-"$PY" - "$REPORT_DIR" "$ARCH" "$BUILD_SECONDS" "$BACKENDS" "$NVCC" "$TESTS_STATUS" "$BENCH_STATUS" <<'EOF' >"$SUMMARY"
+"$PY" - "$REPORT_DIR" "$ARCH" "$BUILD_SECONDS" "$BACKENDS" "$NVCC" "$TESTS_STATUS" "$TRAIN_STATUS" "$BENCH_STATUS" \
+  <<'EOF' >"$SUMMARY"
 import platform, re, subprocess, sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import torch
 
-report, arch, build_seconds, backends, nvcc, tests_status, bench_status = sys.argv[1:]
+report, arch, build_seconds, backends, nvcc, tests_status, train_status, bench_status = sys.argv[1:]
 report = Path(report)
 
 
-def counts(xml: Path) -> str:
-    if not xml.exists():
+def counts(*xmls: Path) -> str:
+    xmls = [xml for xml in xmls if xml.exists()]
+    if not xmls:
         return "no results (see the log)"
     total = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
-    for suite in ET.parse(xml).getroot().iter("testsuite"):
+    for suite in (s for xml in xmls for s in ET.parse(xml).getroot().iter("testsuite")):
         for key in total:
             total[key] += int(suite.get(key, 0))
     passed = total["tests"] - total["failures"] - total["errors"] - total["skipped"]
@@ -104,8 +147,7 @@ except ImportError:
 gpu = run("nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader").splitlines()[0]
 name, driver, memory = (field.strip() for field in gpu.split(","))
 nvcc_release = re.search(r"release [\d.]+, V[\d.]+", run(nvcc, "--version"))
-bench_json = report / "gpu_check_benchmarks.json"
-ok = tests_status == "0" and bench_status in ("0", "none")
+ok = tests_status == "0" and train_status == "0" and bench_status == "0"
 print(f"# imm_kernels GPU check: {'passed' if ok else 'FAILED'}\n")
 print("| | |\n| --- | --- |")
 print(f"| GPU | {name} ({memory}), built for {arch} |")
@@ -116,16 +158,18 @@ print(f"| nvcc | {nvcc_release.group(0) if nvcc_release else nvcc} |")
 print(f"| python | {platform.python_version()} |")
 print(f"| build | {build_seconds} s; backends on cuda: {backends} |")
 print(f"| tests | {counts(report / 'gpu_check_tests.xml')} (log: gpu_check_tests.log) |")
-if bench_status == "none":
-    print("| benchmarks | none in benchmarks/ |")
-else:
-    print(f"| benchmarks | {counts(report / 'gpu_check_benchmarks.xml')}; results: "
-          f"{bench_json if bench_json.exists() else 'no JSON (pytest-benchmark missing?)'} |")
-log = (report / "gpu_check_tests.log").read_text().splitlines()
-failed = [line for line in log if line.startswith(("FAILED", "ERROR"))]
+print(f"| trainer | {'passed' if train_status == '0' else 'FAILED'} (bf16; fp16 + GradScaler under torchrun/NCCL; "
+      "log: gpu_check_trainer.log) |")
+print(f"| benchmarks | {counts(*sorted(report.glob('gpu_check_bench_*.xml')))}; tables: gpu_check_benchmarks.md |")
+failed = [line for log in [report / "gpu_check_tests.log", *sorted(report.glob("gpu_check_bench_*.log"))]
+          if log.exists() for line in log.read_text().splitlines() if line.startswith(("FAILED", "ERROR"))]
 if failed:
     print("\n## Failures\n")
-    print("\n".join(f"- `{line}`" for line in failed[:50]))
+    print("\n".join(f"- `{line}`" for line in failed[:60]))
+tables = report / "gpu_check_benchmarks.md"
+if tables.exists():
+    print("\n## Benchmarks\n")
+    print(tables.read_text())
 EOF
 cat "$SUMMARY"
-[ "$TESTS_STATUS" -eq 0 ] && { [ "$BENCH_STATUS" = none ] || [ "$BENCH_STATUS" -eq 0 ]; }
+[ "$TESTS_STATUS" -eq 0 ] && [ "$TRAIN_STATUS" -eq 0 ] && [ "$BENCH_STATUS" -eq 0 ]
