@@ -337,7 +337,9 @@ def write_document(study: dict, results: list[dict], doc: Path, command: str, se
         f"and the study took {seconds / 60:.1f} minutes of wall time from start to this document (runs already "
         "logged are reused, not trained again, when the script runs again). Every table and figure is computed "
         "from the runs' logs and samples; the raw numbers are in "
-        "[reproduction/results.json](reproduction/results.json).", "",
+        "[reproduction/results.json](reproduction/results.json). Each run is `python examples/train.py --method "
+        "METHOD --data DATA --out OUT/NAME ARGS --eval-steps 1 --eval-samples 500 --log-every 25` with its "
+        "METHOD, DATA, NAME and ARGS listed there, then sampled and scored by `examples/reproduce.py`.", "",
         "## What is compared", "",
         "Same data, path (fm schedule), network, optimiser, learning-rate schedule and iterations x batch for "
         "every method (examples/train.py `--method`):", "",

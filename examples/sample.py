@@ -121,9 +121,10 @@ def _sample_chunk(model, config: dict, sample_shape, labels, n: int, times: torc
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Few-step sampling from an IMM checkpoint of train.py.")
+    parser = argparse.ArgumentParser(description="Few-step sampling from a checkpoint of train.py (IMM or a baseline).")
     parser.add_argument("--ckpt", required=True, help="a train.py output folder (or its checkpoint.pt)")
-    parser.add_argument("--steps", type=int, default=2, help="number of network evaluations (default 2)")
+    parser.add_argument("--steps", type=int, default=2,
+                        help="sampling steps: one network evaluation each, two for heun (default 2)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="auto",
                         help="auto (default): pushforward for imm, restart for ct, euler for fm")
     parser.add_argument("--grid", choices=GRIDS, default="auto",
