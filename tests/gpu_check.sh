@@ -55,12 +55,18 @@ BACKENDS=$("$PY" -c "import imm_kernels; print(', '.join(imm_kernels.available_b
 case "$BACKENDS" in *cuda*) ;; *) fail "built, but the cuda backend is unavailable: $BACKENDS" ;; esac
 
 # Optional limits (seconds; 0 = none) for a time-boxed machine: a stage cut short still reports what finished.
-TESTS_LIMIT=${IMM_TESTS_TIMEOUT_S:-0}
+TESTS_LIMIT=${IMM_TESTS_TIMEOUT_S:-0}  # the whole test suite
 BENCH_LIMIT=${IMM_BENCH_TIMEOUT_S:-0}  # all benchmark files together
 limited() {  # limited SECONDS COMMAND...: SIGINT at the limit, so pytest still writes its reports
   local seconds=$1
   shift
   if [ "$seconds" -gt 0 ]; then timeout -s INT -k 30 "$seconds" "$@"; else "$@"; fi
+}
+left_until() {  # left_until DEADLINE LIMIT: seconds to DEADLINE (0 when LIMIT is 0, i.e. none); fails under 10 s
+  [ "$2" -gt 0 ] || { echo 0; return 0; }
+  local left=$(($1 - $(date +%s)))
+  echo "$left"
+  [ "$left" -gt 10 ]
 }
 
 # pytest-xdist, where present, spreads the suite (mostly Triton compilation) over the host's cores.
@@ -68,10 +74,21 @@ test_args=()
 if "$PY" -c "import xdist" 2>/dev/null; then
   test_args+=(-n "${IMM_TEST_WORKERS:-$(( $(nproc) > 16 ? 8 : ($(nproc) + 1) / 2 ))}")
 fi
-echo "gpu_check: test suite (log: $TESTS_LOG)"
-limited "$TESTS_LIMIT" "$PY" -m pytest tests -p no:cacheprovider -q -rfE "${test_args[@]}" \
-  --junitxml="$REPORT_DIR/gpu_check_tests.xml" "$@" >"$TESTS_LOG" 2>&1
-TESTS_STATUS=$?
+# The GPU cases first, so that a time limit cuts off CPU-only tests (CI runs those) rather than GPU ones.
+echo "gpu_check: test suite, GPU cases first (log: $TESTS_LOG)"
+: >"$TESTS_LOG"
+TESTS_STATUS=0
+tests_deadline=$(($(date +%s) + TESTS_LIMIT))
+for part in cuda "not cuda"; do
+  name=tests_${part// /_}
+  if ! left=$(left_until "$tests_deadline" "$TESTS_LIMIT"); then
+    echo "gpu_check: tests -k '$part' skipped: IMM_TESTS_TIMEOUT_S spent" | tee -a "$TESTS_LOG" >&2
+    TESTS_STATUS=1
+    continue
+  fi
+  limited "$left" "$PY" -m pytest tests -k "$part" -p no:cacheprovider -q -rfE "${test_args[@]}" \
+    --junitxml="$REPORT_DIR/gpu_check_$name.xml" "$@" >>"$TESTS_LOG" 2>&1 || TESTS_STATUS=1
+done
 
 # The trainer on the GPU: bf16 autocast, and fp16 with its GradScaler through torchrun (NCCL), briefly.
 TRAIN_LOG="$REPORT_DIR/gpu_check_trainer.log"
@@ -92,10 +109,10 @@ BENCH_STATUS=0
 bench_json=()
 bench_deadline=$(($(date +%s) + BENCH_LIMIT))
 for name in bench_mmd bench_interpolant bench_train_step; do  # the loss first: it matters most
-  left=0
-  if [ "$BENCH_LIMIT" -gt 0 ]; then
-    left=$((bench_deadline - $(date +%s)))
-    [ "$left" -gt 10 ] || { echo "gpu_check: $name skipped: IMM_BENCH_TIMEOUT_S spent" >&2; BENCH_STATUS=1; continue; }
+  if ! left=$(left_until "$bench_deadline" "$BENCH_LIMIT"); then
+    echo "gpu_check: $name skipped: IMM_BENCH_TIMEOUT_S spent" >&2
+    BENCH_STATUS=1
+    continue
   fi
   echo "gpu_check: $name (log: $REPORT_DIR/gpu_check_$name.log)"
   limited "$left" "$PY" -m pytest "benchmarks/$name.py" -p no:cacheprovider -q -rfE \
@@ -157,7 +174,7 @@ print(f"| triton | {triton_version} |")
 print(f"| nvcc | {nvcc_release.group(0) if nvcc_release else nvcc} |")
 print(f"| python | {platform.python_version()} |")
 print(f"| build | {build_seconds} s; backends on cuda: {backends} |")
-print(f"| tests | {counts(report / 'gpu_check_tests.xml')} (log: gpu_check_tests.log) |")
+print(f"| tests | {counts(*sorted(report.glob('gpu_check_tests_*.xml')))} (log: gpu_check_tests.log) |")
 print(f"| trainer | {'passed' if train_status == '0' else 'FAILED'} (bf16; fp16 + GradScaler under torchrun/NCCL; "
       "log: gpu_check_trainer.log) |")
 print(f"| benchmarks | {counts(*sorted(report.glob('gpu_check_bench_*.xml')))}; tables: gpu_check_benchmarks.md |")
