@@ -21,7 +21,8 @@ import imm_kernels
 from common import SIGMA_DATA, autocast, drop_labels, one_step, velocity
 from imm_kernels import imm
 
-# Improved CT's pseudo-Huber constant c = 0.00054 sqrt(D), for images in [-1, 1] as ours are.
+# Improved CT's pseudo-Huber constant c = 0.00054 sqrt(D), chosen there for images in [-1, 1]; used as is for
+# every data set here (ours are scaled to a similar range).
 PSEUDO_HUBER_PER_SQRT_D = 0.00054
 
 
@@ -45,8 +46,9 @@ def fm_loss(model, online, x, labels, generator: torch.Generator, config: dict, 
 
 def ct_loss(model, online, x, labels, generator: torch.Generator, config: dict, device) -> torch.Tensor:
     """Mean pseudo-Huber distance sqrt(|y_t - y_r|^2 + c^2) - c between the two consistency outputs.
-    Unit weight: with a constant eta decrement the gap eta_t - eta_r is constant, so improved CT's
-    1 / (sigma_t - sigma_r) weighting is a constant too (except where r is clamped at eps_t)."""
+    Unit weight: improved CT weights by 1 / (sigma_t - sigma_r) in its variance-exploding sigma, which is our
+    eta; IMM's mapping keeps eta_t - eta_r constant (except where r is clamped at eps_t), so that weight is a
+    constant too."""
     labels = drop_labels(model, labels, 1, generator, config, device)
     t = _times(x.shape[0], generator, config)
     s = torch.full_like(t, config["eps_t"])

@@ -4,7 +4,7 @@ sweep of seeds x learning rate x group size M x k. Trains every run (two at a ti
 and writes docs/REPRODUCTION.md with its tables, plots and the paper's claims checked, from the logged runs.
 
     python examples/reproduce.py                  # the full study: about 32 minutes on 2 CPU cores
-    python examples/reproduce.py --smoke --out /tmp/repro --doc /tmp/repro/REPRODUCTION.md   # CI: a minute
+    python examples/reproduce.py --smoke          # CI's pass, about a minute: out/reproduction-smoke/REPRODUCTION.md
 
 A run whose folder already holds a result for the same arguments is not trained again, so an interrupted
 study continues where it stopped, and the document can be rewritten from the logged runs alone.
@@ -34,14 +34,15 @@ import data
 import metrics
 import plots
 from classifier import load_classifier
-from common import cli
+from common import ExampleError, cli
 from sample import class_labels, generate
+from train import DEFAULT_GROUP_SIZE
 
 EXAMPLES = Path(__file__).resolve().parent
 ROOT = EXAMPLES.parent
 NFES = (1, 2, 4, 8, 16, 50)
-# Each method with its samplers, as (table row, sampler, network evaluations per step).
-SAMPLERS = {"imm": [("IMM", "pushforward", 1)], "fm": [("FM (Euler)", "euler", 1), ("FM (Heun)", "heun", 2)],
+# Each method's rows of the quality table: (row name, sampler, network evaluations per step).
+ROWS = {"imm": [("IMM", "pushforward", 1)], "fm": [("FM (Euler)", "euler", 1), ("FM (Heun)", "heun", 2)],
             "ct": [("CT", "restart", 1)]}
 # A sweep run "collapsed" when its samples at SWEEP_NFE score worse than COLLAPSE times the real-data floor.
 SWEEP_NFE, COLLAPSE = 2, 4.0
@@ -93,9 +94,10 @@ def quality_runs(study: dict, out: Path) -> list[Run]:
         common = ["--iters", budget["iters"], "--batch", budget["batch"], "--seed", 0]
         if "width" in budget:
             common += ["--width", budget["width"]]
-        classifier = str(classifier_path(out, dataset)) if "classifier_epochs" in budget else None
-        for method in SAMPLERS:
-            # The baselines see single samples; IMM its groups (the 2-D default M = 64 unless set).
+        classifier = str(classifier_path(out, dataset, budget["classifier_epochs"])) if "classifier_epochs" in budget \
+            else None
+        for method in ROWS:
+            # IMM trains on groups (train.py's default M unless the budget sets one), the baselines on single samples.
             group = budget.get("imm_group_size") if method == "imm" else 1
             args = common + (["--group-size", group] if group else [])
             runs.append(Run(f"quality_{dataset}_{method}", method, dataset, [str(a) for a in args], study["nfes"],
@@ -149,9 +151,12 @@ def train_and_score(run: Run, out: Path) -> dict:
     records = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()
                if line.strip()] if (folder / "log.jsonl").exists() else []
     losses = [[r["step"], r["loss"]] for r in records if "loss" in r]
+    diverged = any(not math.isfinite(loss) for _, loss in losses)
+    if finished.returncode != 0 and not diverged:  # a crash is not instability: stop, and log nothing
+        raise ExampleError(f"{run.name} failed (exit code {finished.returncode}); the end of "
+                           f"{folder / 'train.out'}:\n{(finished.stdout + finished.stderr)[-2000:]}")
     result = {"run": asdict(run), "train_seconds": seconds, "returncode": finished.returncode, "losses": losses,
-              "diverged": finished.returncode != 0 or any(not math.isfinite(loss) for _, loss in losses),
-              "scores": {}}
+              "diverged": diverged, "scores": {}}
     if finished.returncode == 0:
         result.update(score(run, folder))
         result["diverged"] |= result.pop("nonfinite_samples")
@@ -173,7 +178,7 @@ def score(run: Run, folder: Path) -> dict:
     model = checkpoint.build_model(state).to(device)
     labels = class_labels(evaluator.n, info["num_classes"])
     scores, nonfinite = {}, False
-    for row, sampler, per_step in SAMPLERS[run.method]:
+    for row, sampler, per_step in ROWS[run.method]:
         scores[row] = {}
         for nfe in run.nfes:
             if nfe % per_step:
@@ -188,18 +193,25 @@ def score(run: Run, folder: Path) -> dict:
     return {"metric": metric, "floor": evaluator.floor[metric], "scores": scores, "nonfinite_samples": nonfinite}
 
 
-def classifier_path(out: Path, dataset: str) -> Path:
-    return out / f"{dataset}_classifier.pt"
+def classifier_path(out: Path, dataset: str, epochs: int) -> Path:
+    """Named by its training too, so that a smoke study's one-epoch classifier never scores a full study."""
+    return out / f"{dataset}_classifier_{epochs}ep.pt"
 
 
 def train_classifiers(study: dict, out: Path) -> None:
     """The classifiers behind the image data sets' FD metric (each trained once, on its train split)."""
     for dataset, budget in study["quality"].items():
-        path = classifier_path(out, dataset)
-        if "classifier_epochs" in budget and not path.exists():
-            subprocess.run([sys.executable, str(EXAMPLES / "classifier.py"), "--data", dataset, "--out", str(path),
-                            "--epochs", str(budget["classifier_epochs"])], check=True,
-                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+        if "classifier_epochs" not in budget:
+            continue
+        path = classifier_path(out, dataset, budget["classifier_epochs"])
+        if path.exists():
+            continue
+        finished = subprocess.run([sys.executable, str(EXAMPLES / "classifier.py"), "--data", dataset, "--out",
+                                   str(path), "--epochs", str(budget["classifier_epochs"])],
+                                  env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+        if finished.returncode != 0:
+            raise ExampleError(f"training the {dataset} classifier failed:\n{finished.stderr[-2000:]}")
+        print(finished.stdout.strip())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -232,7 +244,7 @@ def quality_section(results: list[dict], figures: Path, doc_dir: Path) -> tuple[
                   "| method | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
         curves = {}
         for r in rows:
-            for row, _, _ in SAMPLERS[r["run"]["method"]]:
+            for row, _, _ in ROWS[r["run"]["method"]]:
                 values = [ratio(r, row, n) for n in nfes]
                 curves[row] = values
                 table[(dataset, row)] = dict(zip(nfes, values))
@@ -300,6 +312,9 @@ def claims_section(quality: dict, groups: dict) -> list[str]:
     sweep's groups (name -> results)."""
     lines = []
 
+    def floor_ratio(value: float) -> str:
+        return "n/a" if math.isnan(value) else f"{value:.2f}x"
+
     def verdict(ok: bool | None) -> str:
         return "**not shown**" if ok is None else "**holds**" if ok else "**fails**"
 
@@ -309,7 +324,7 @@ def claims_section(quality: dict, groups: dict) -> list[str]:
                    key=lambda v: math.inf if math.isnan(v) else v)
         ok = None if math.isnan(imm2) or math.isnan(fm50) else imm2 <= 1.25 * fm50
         lines.append(f"- IMM at 2 NFE within the quality of FM at 50 NFE ({dataset}; \"within\": at most 1.25x "
-                     f"FM's score): IMM {imm2:.2f}x the floor, FM {fm50:.2f}x: {verdict(ok)}.")
+                     f"FM's score): IMM {floor_ratio(imm2)} the floor, FM {floor_ratio(fm50)}: {verdict(ok)}.")
 
     def stabler(name: str, others: list[str], text: str) -> None:
         """Claim: `name` fails less often than each of `others`, at COLLAPSE and at OTHER_THRESHOLDS."""
@@ -346,8 +361,8 @@ def write_document(study: dict, results: list[dict], doc: Path, command: str, se
         f"{os.cpu_count()} cores, {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}, "
         f"torch {torch.__version__}). The {len(results)} runs trained for "
         f"{sum(r['train_seconds'] for r in results) / 60:.0f} minutes in all, each on one core, {jobs} at a time, "
-        f"and the study took {seconds / 60:.1f} minutes of wall time from start to this document (runs already "
-        "logged are reused, not trained again, when the script runs again). Every table and figure is computed "
+        f"and the passes that trained them took {seconds / 60:.1f} minutes of wall time (runs already logged are "
+        "reused, not trained again, when the script runs again). Every table and figure is computed "
         "from the runs' logs and samples; the raw numbers are in "
         "[reproduction/results.json](reproduction/results.json). Each run is `python examples/train.py --method "
         "METHOD --data DATA --out OUT/NAME ARGS --eval-steps 1 --eval-samples 500 --log-every 25` with its "
@@ -364,8 +379,9 @@ def write_document(study: dict, results: list[dict], doc: Path, command: str, se
         "M = 1 (the paper's consistency special case) is in the sweep.", "",
         "Budgets: " + "; ".join(f"{d}: {b['iters']} iterations, batch {b['batch']}" for d, b in q.items()) +
         f". IMM on {', '.join(q)} uses groups of " +
-        ", ".join(f"{b.get('imm_group_size') or 64} ({d})" for d, b in q.items()) +
-        " (the 2-D default is 64: on 2-D data M = 4 shrinks the squares, see the README); the baselines use "
+        ", ".join(f"{b.get('imm_group_size') or DEFAULT_GROUP_SIZE['imm']} ({d})" for d, b in q.items()) +
+        " (train.py's default is 64: on 2-D data the paper's M = 4 shrinks the squares, see the README); the "
+        "baselines use "
         "single samples. FM does one network pass per step, IMM and CT two (one without gradient).", "",
         "## Quality by NFE", "", *quality_lines,
         "## Stability", "",
@@ -386,8 +402,9 @@ def write_document(study: dict, results: list[dict], doc: Path, command: str, se
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(ROOT / "out" / "reproduction"), help="run folders (default out/reproduction)")
-    parser.add_argument("--doc", default=str(ROOT / "docs" / "REPRODUCTION.md"), help="the document to write")
+    parser.add_argument("--out", help="run folders (default out/reproduction, out/reproduction-smoke with --smoke)")
+    parser.add_argument("--doc", help="the document to write (default docs/REPRODUCTION.md, OUT/REPRODUCTION.md "
+                                      "with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny budgets: checks the pipeline, measures nothing")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at once, one thread each (default 2)")
     parser.add_argument("--mnist", choices=("auto", "on", "off"), default="auto",
@@ -396,7 +413,27 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
+    # A smoke study never lands on the real one's runs or document.
+    args.out = Path(args.out or ROOT / "out" / ("reproduction-smoke" if args.smoke else "reproduction"))
+    args.doc = Path(args.doc or (args.out / "REPRODUCTION.md" if args.smoke else ROOT / "docs" / "REPRODUCTION.md"))
     return args
+
+
+def run_all(runs: list[Run], out: Path, jobs: int) -> list[dict]:
+    """Every run's result, `jobs` at a time; the first failure cancels the runs not yet started."""
+    # spawn: each worker starts clean instead of forking a process that holds torch's thread pools
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(train_and_score, run, out) for run in runs]
+        results = []
+        try:
+            for run, future in zip(runs, futures):
+                results.append(future.result())
+                print(f"[{len(results)}/{len(runs)}] {run.name}: {results[-1]['train_seconds']:.0f} s"
+                      f"{', diverged' if results[-1]['diverged'] else ''}", flush=True)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+    return results
 
 
 @cli
@@ -409,26 +446,22 @@ def main(argv=None) -> None:
         study["quality"]["mnist"] = MNIST["smoke" if args.smoke else "full"]
     else:
         study["not_run"]["MNIST"] = "no GPU in this run (`--mnist on` runs it anyway)"
-    out, doc = Path(args.out), Path(args.doc)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     train_classifiers(study, out)
     runs = quality_runs(study, out) + sweep_runs(study)
-    previous = doc.parent / "reproduction" / "results.json"
-    all_logged = previous.exists() and all(logged_result(run, out) for run in runs)
-    # spawn: each worker starts clean instead of forking a process that holds torch's thread pools
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(train_and_score, run, out) for run in runs]
-        results = []
-        for run, future in zip(runs, futures):
-            results.append(future.result())
-            print(f"[{len(results)}/{len(runs)}] {run.name}: {results[-1]['train_seconds']:.0f} s"
-                  f"{', diverged' if results[-1]['diverged'] else ''}", flush=True)
+    trained_now = not all(logged_result(run, out) for run in runs)
+    results = run_all(runs, out, args.jobs)
+    # The study's wall time, summed over the passes that trained runs (a resumed study took several).
+    clock = out / "wall_seconds.json"
+    wall = json.loads(clock.read_text()) if clock.exists() else 0.0
+    if trained_now:
+        wall += time.perf_counter() - start
+        clock.write_text(json.dumps(wall))
     command = "python examples/reproduce.py" + (" --smoke" if args.smoke else "")
-    # The study's wall time: when every run was logged already, that of the pass that trained them.
-    wall = json.loads(previous.read_text())["wall_seconds"] if all_logged else time.perf_counter() - start
-    write_document(study, results, doc, command, wall, args.jobs)
-    print(f"wrote {doc}")
+    write_document(study, results, args.doc, command, wall, args.jobs)
+    print(f"wrote {args.doc}")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@
     python examples/train.py --data checkerboard --out runs/checkerboard          # defaults: < 5 min on CPU
     python examples/train.py --out runs/checkerboard --resume                     # continue a stopped run
     torchrun --nproc_per_node 2 examples/train.py --data digits --out runs/digits # DDP (gloo on CPU, nccl on GPU)
+    python examples/train.py --method fm --data checkerboard --out runs/fm        # a baseline: fm or ct
 
 One step: a batch of B rows in B / M groups of M particles; each group shares (s, r, t) from
 imm.sample_times. x_t and x_r come from the same (x, eps) (interpolate_pair); y_t = f_{s,t}(x_t) with
 gradient, y_r = f_{s,r}(x_r) from the same network under no_grad (stop-gradient, not the EMA); the loss is
 mmd_loss with the Laplace kernel, per-group bandwidth imm.kernel_bandwidth(s, t) and weight
-imm.time_weight(t). The EMA is for evaluation only.
+imm.time_weight(t). The EMA is for evaluation only. --method fm and --method ct train the baselines of
+examples/baselines.py instead, with the same data, network, optimiser and loop.
 
 DIR receives checkpoint.pt (atomic, --resume continues bit for bit), log.jsonl, loss.png,
 samples_stepN.png at each evaluation and metrics.json (the latest metric table).
@@ -51,7 +53,8 @@ TRAINING_OPTIONS = {
                                   "points (N x D) or a folder of images (class = subfolder)"),
     "image_size": (int, None, "resize a folder's images to this size (default: the first image's)"),
     "batch": (int, 1024, "global batch B (all ranks together), a multiple of group size x ranks"),
-    "group_size": (int, 64, "M, particles per group sharing (s, r, t) (the paper: 4; see the README for 2-D)"),
+    "group_size": (int, None, "M, particles per group sharing (s, r, t) (default: 64 for imm, the paper's 4 shrinks "
+                              "2-D data, see the README; 1 for the baselines, which have no groups)"),
     "schedule": (SCHEDULES, "fm", "noise schedule"),
     "param": (imm.PARAMS, "simple_edm", "parameterisation of f_{s,t} (euler_fm needs --schedule fm)"),
     "time_embedding": (("s", "stride"), "s", "second time input of the network: s, or t - s (stride)"),
@@ -118,7 +121,7 @@ def training_config(args, saved: dict | None) -> dict:
     defaults = {name: default for name, (_, default, _) in TRAINING_OPTIONS.items()}
     if saved is None:
         return defaults | given
-    saved = defaults | saved  # options newer than the checkpoint keep their defaults (e.g. --method imm)
+    saved = defaults | saved  # options newer than the checkpoint keep their defaults
     for name, value in given.items():
         if value != saved.get(name):
             raise ExampleError(f"--{name.replace('_', '-')} {value} differs from the checkpoint's "
@@ -132,6 +135,7 @@ def complete_config(config: dict, dataset: data.Dataset, device: torch.device, w
     images = dataset.kind == "images"
     config = dict(config)
     config["width"] = config["width"] or (64 if images else 128)
+    config["group_size"] = config["group_size"] or DEFAULT_GROUP_SIZE[config["method"]]
     config["eps_t"] = (0.006 if images else 0.0) if config["eps_t"] is None else config["eps_t"]
     config["T"] = config["T"] or DEFAULT_T[config["schedule"]]
     if config["precision"] == "auto":
@@ -152,6 +156,9 @@ def complete_config(config: dict, dataset: data.Dataset, device: torch.device, w
     if not 0 <= config["label_dropout"] < 1 or config["grad_clip"] < 0 or config["warmup"] < 0 or config["iters"] < 1:
         raise ExampleError("need 0 <= --label-dropout < 1, --grad-clip >= 0, --warmup >= 0 and --iters >= 1")
     return config
+
+
+DEFAULT_GROUP_SIZE = {"imm": 64, "fm": 1, "ct": 1}
 
 
 def learning_rate(step: int, config: dict) -> float:
@@ -187,11 +194,10 @@ LOSSES = {"imm": imm_loss, "fm": fm_loss, "ct": ct_loss}
 
 
 def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); under torchrun (WORLD_SIZE > 1) joins the process group: NCCL with each rank
-    on cuda:LOCAL_RANK when the device is a GPU, gloo on CPUs."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    """(rank, world size, device); under torchrun (which sets WORLD_SIZE, also for one process) joins the
+    process group: NCCL with each rank on cuda:LOCAL_RANK when the device is a GPU, gloo on CPUs."""
     device = resolve_device(device_name)
-    if world_size == 1:
+    if "WORLD_SIZE" not in os.environ:
         return 0, 1, device
     if device.type == "cuda":
         local_rank, visible = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
@@ -201,7 +207,7 @@ def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world_size, device
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def gather(obj, world_size: int) -> list:
@@ -279,7 +285,7 @@ def main(argv=None) -> torch.nn.Module:
         generator.set_state(saved["rng_states"][rank])
         step = saved["step"]
     online = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world_size > 1 else model
+        if dist.is_initialized() else model
     sampler = data.BatchSampler(dataset.train, dataset.train_labels, config["group_size"])
     local_batch = config["batch"] // world_size
 
@@ -354,7 +360,7 @@ def main(argv=None) -> torch.nn.Module:
         print(f"stopped at step {step} of {iters}; continue with --resume", file=sys.stderr)
     else:
         run_evaluation()
-    if world_size > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return model
 

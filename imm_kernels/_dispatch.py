@@ -14,7 +14,8 @@ BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
 # backend="auto": the first usable backend per device type and op. On CPUs the C++ kernels. On GPUs the CUDA
 # extension where it is built: on an H200 (2026-11-26, README) it beat Triton in all 16 timed mmd_loss cases
-# (about 2x) and in 22 of 24 interpolant cases; Triton where the extension is not built.
+# (about 2x) and in 22 of 24 interpolant cases, though a whole small-MLP IMM step was 5% faster with Triton
+# (3.80 vs 3.98 ms); Triton where the extension is not built.
 AUTO_ORDER = {
     "cpu": {"mmd": ("cpu", "reference"), "combine": ("cpu", "reference")},
     "cuda": {"mmd": ("cuda", "triton", "reference"), "combine": ("cuda", "triton", "reference")},

@@ -7,8 +7,9 @@
 # Needs: nvidia-smi, nvcc (PATH or CUDACXX), and in the python: torch (CUDA build), scikit-build-core,
 # pybind11, pytest, pytest-benchmark, hypothesis, matplotlib, tqdm and cmake (triton and pytest-xdist are used
 # where present).
-# Usage: bash tests/gpu_check.sh [extra pytest arguments for the test suite]   (PYTHON=... picks the python;
-# IMM_TESTS_TIMEOUT_S and IMM_BENCH_TIMEOUT_S bound the test suite and all benchmarks, in seconds)
+# Usage: bash tests/gpu_check.sh [extra pytest arguments for the test suite, except -k: the suite runs as
+# -k cuda, then -k "not cuda"]   (PYTHON=... picks the python; IMM_TESTS_TIMEOUT_S, IMM_TRAIN_TIMEOUT_S and
+# IMM_BENCH_TIMEOUT_S bound the test suite, the trainer runs and all benchmarks, in whole seconds)
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -24,6 +25,12 @@ fail() {  # a summary that says what stopped the check, then exit 1
   echo "gpu_check: $1" >&2
   exit 1
 }
+
+# Results of an earlier check in the same folder must not pass for this one's.
+rm -f "$REPORT_DIR"/gpu_check.md "$REPORT_DIR"/gpu_check_*.{log,xml,json,md,png}
+for limit in IMM_TESTS_TIMEOUT_S IMM_TRAIN_TIMEOUT_S IMM_BENCH_TIMEOUT_S; do
+  case "${!limit:-0}" in '' | *[!0-9]*) fail "$limit must be a whole number of seconds; got '${!limit}'" ;; esac
+done
 
 # What the offline build and the tests need, all at once so one message lists everything missing.
 missing=()
@@ -56,6 +63,7 @@ case "$BACKENDS" in *cuda*) ;; *) fail "built, but the cuda backend is unavailab
 
 # Optional limits (seconds; 0 = none) for a time-boxed machine: a stage cut short still reports what finished.
 TESTS_LIMIT=${IMM_TESTS_TIMEOUT_S:-0}  # the whole test suite
+TRAIN_LIMIT=${IMM_TRAIN_TIMEOUT_S:-0}  # both trainer runs
 BENCH_LIMIT=${IMM_BENCH_TIMEOUT_S:-0}  # all benchmark files together
 limited() {  # limited SECONDS COMMAND...: SIGINT at the limit, so pytest still writes its reports
   local seconds=$1
@@ -86,19 +94,25 @@ for part in cuda "not cuda"; do
     TESTS_STATUS=1
     continue
   fi
-  limited "$left" "$PY" -m pytest tests -k "$part" -p no:cacheprovider -q -rfE "${test_args[@]}" \
+  limited "$left" "$PY" -m pytest tests -k "$part" -p no:cacheprovider -q -rfE ${test_args[@]+"${test_args[@]}"} \
     --junitxml="$REPORT_DIR/gpu_check_$name.xml" "$@" >>"$TESTS_LOG" 2>&1 || TESTS_STATUS=1
 done
 
-# The trainer on the GPU: bf16 autocast, and fp16 with its GradScaler through torchrun (NCCL), briefly.
+# The trainer on the GPU: bf16 autocast, then fp16 with its GradScaler under torchrun (NCCL and DDP, on two
+# GPUs where there are two), briefly.
 TRAIN_LOG="$REPORT_DIR/gpu_check_trainer.log"
 echo "gpu_check: trainer (log: $TRAIN_LOG)"
 runs=$(mktemp -d)
-{  # bounded like the test suite
-  limited "$TESTS_LIMIT" "$PY" examples/train.py --data checkerboard --out "$runs/bf16" --iters 300 \
-    --precision bf16 --device cuda &&
-  limited "$TESTS_LIMIT" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 examples/train.py --data digits \
-    --out "$runs/fp16" --iters 200 --batch 256 --group-size 4 --precision fp16 --device cuda
+trap 'rm -rf "$runs"' EXIT
+ranks=$(( $(nvidia-smi --list-gpus | wc -l) > 1 ? 2 : 1 ))
+train_deadline=$(($(date +%s) + TRAIN_LIMIT))
+{
+  left=$(left_until "$train_deadline" "$TRAIN_LIMIT") &&
+  limited "$left" "$PY" examples/train.py --data checkerboard --out "$runs/bf16" --iters 300 --precision bf16 \
+    --device cuda &&
+  left=$(left_until "$train_deadline" "$TRAIN_LIMIT") &&
+  limited "$left" "$PY" -m torch.distributed.run --standalone --nproc_per_node "$ranks" examples/train.py \
+    --data digits --out "$runs/fp16" --iters 200 --batch 256 --group-size 4 --precision fp16 --device cuda
 } >"$TRAIN_LOG" 2>&1
 TRAIN_STATUS=$?
 [ "$TRAIN_STATUS" -eq 0 ] || tail -n 20 "$TRAIN_LOG" >&2
@@ -115,7 +129,7 @@ for name in bench_mmd bench_interpolant bench_train_step; do  # the loss first: 
     continue
   fi
   echo "gpu_check: $name (log: $REPORT_DIR/gpu_check_$name.log)"
-  limited "$left" "$PY" -m pytest "benchmarks/$name.py" -p no:cacheprovider -q -rfE \
+  limited "$left" "$PY" -m pytest "benchmarks/$name.py" -p no:cacheprovider -q -rfEs \
     --junitxml="$REPORT_DIR/gpu_check_$name.xml" --benchmark-json="$REPORT_DIR/gpu_check_$name.json" \
     >"$REPORT_DIR/gpu_check_$name.log" 2>&1 || BENCH_STATUS=1
   [ -s "$REPORT_DIR/gpu_check_$name.json" ] && bench_json+=("$REPORT_DIR/gpu_check_$name.json")
@@ -175,8 +189,8 @@ print(f"| nvcc | {nvcc_release.group(0) if nvcc_release else nvcc} |")
 print(f"| python | {platform.python_version()} |")
 print(f"| build | {build_seconds} s; backends on cuda: {backends} |")
 print(f"| tests | {counts(*sorted(report.glob('gpu_check_tests_*.xml')))} (log: gpu_check_tests.log) |")
-print(f"| trainer | {'passed' if train_status == '0' else 'FAILED'} (bf16; fp16 + GradScaler under torchrun/NCCL; "
-      "log: gpu_check_trainer.log) |")
+print(f"| trainer | {'passed' if train_status == '0' else 'FAILED'} (bf16; fp16 + GradScaler under torchrun, NCCL "
+      "and DDP; log: gpu_check_trainer.log) |")
 print(f"| benchmarks | {counts(*sorted(report.glob('gpu_check_bench_*.xml')))}; tables: gpu_check_benchmarks.md |")
 failed = [line for log in [report / "gpu_check_tests.log", *sorted(report.glob("gpu_check_bench_*.log"))]
           if log.exists() for line in log.read_text().splitlines() if line.startswith(("FAILED", "ERROR"))]
