@@ -3,7 +3,7 @@ data and training budget: sample quality by the number of network evaluations (N
 sweep of seeds x learning rate x group size M x k. Trains every run (two at a time by default), scores it,
 and writes docs/REPRODUCTION.md with its tables, plots and the paper's claims checked, from the logged runs.
 
-    python examples/reproduce.py                  # the full study: about 32 minutes on 2 CPU cores
+    python examples/reproduce.py                  # the full study: about 30 minutes on 2 CPU cores
     python examples/reproduce.py --smoke          # CI's pass, about a minute: out/reproduction-smoke/REPRODUCTION.md
 
 A run whose folder already holds a result for the same arguments is not trained again, so an interrupted
