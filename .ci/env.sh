@@ -4,7 +4,10 @@
 set -euo pipefail
 IMM_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 IMM_VENV=${IMM_VENV:-$IMM_ROOT/.venv}
+progress() { echo "env.sh: $*" >&2; }  # pip runs quietly: say what each slow step is doing
+
 if [ ! -x "$IMM_VENV/bin/python" ]; then
+  progress "creating the virtual environment $IMM_VENV"
   python3 -m venv "$IMM_VENV"
 fi
 PY="$IMM_VENV/bin/python"
@@ -14,10 +17,13 @@ pip_install() {  # pip's exit status, without this machine's notes about local i
 }
 
 # torch 2.13.0 CPU and triton 3.7.1 (the version torch 2.13 pins) are pinned: a fresh machine never pulls a CUDA build.
+progress "installing the pinned toolchain (tests/requirements.txt; the first run downloads torch and triton)"
 pip_install -r "$IMM_ROOT/tests/requirements.txt"
 if [ -f "$IMM_ROOT/examples/requirements.txt" ]; then
+  progress "installing the examples' packages (examples/requirements.txt)"
   pip_install -r "$IMM_ROOT/examples/requirements.txt"
 fi
+progress "building imm_kernels and its C++ extension into $IMM_VENV (editable install)"
 pip_install --no-build-isolation -e "$IMM_ROOT"
 "$PY" -c "import imm_kernels._C"  # fail here, with the import error, if the build made no extension
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
