@@ -13,7 +13,7 @@ import torch
 import imm_kernels
 from imm_kernels import imm
 
-SIGMA_DATA = 0.5  # IMM_SPEC section 1: prior noise eps ~ N(0, sigma_d^2), data scaled to match
+SIGMA_DATA = 0.5  # docs/math.md section 1: prior noise eps ~ N(0, sigma_d^2), data scaled to match
 
 
 class ExampleError(Exception):
@@ -35,7 +35,7 @@ def cli(main):
 
 
 def c_noise(t: torch.Tensor) -> torch.Tensor:
-    """The network's time input, 1000 t (IMM_SPEC section 3)."""
+    """The network's time input, 1000 t (docs/math.md section 3)."""
     return 1000 * t
 
 

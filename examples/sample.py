@@ -1,4 +1,4 @@
-"""Few-step sampling from a checkpoint of train.py: IMM (IMM_SPEC section 5) and the baselines.
+"""Few-step sampling from a checkpoint of train.py: IMM (docs/math.md section 5) and the baselines.
 
     python examples/sample.py --ckpt DIR --steps 2 --n 5000 --out samples.npy
         [--sampler auto|pushforward|restart|euler|heun] [--grid auto|uniform|eta|edm] [--cfg W] [--label C] [--seed S]
