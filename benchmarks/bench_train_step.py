@@ -19,7 +19,7 @@ if SMOKE:
 
 
 def make_step(ops, net, optimizer):
-    """The IMM step of IMM_SPEC section 4 written against `ops` (imm_kernels with a backend, or the reference)."""
+    """The IMM step of docs/math.md section 4 written against `ops` (imm_kernels with a backend, or the reference)."""
 
     def step(x, noise, s, r, t):
         x_t, x_r = ops.interpolate_pair(x, noise, t, r)

@@ -1,4 +1,6 @@
-"""Backends behind one table: which implementation runs an op, whether it can run here, and how to get it."""
+"""Backends behind one table: which implementation runs an op, whether it can run here, how to get it, and how
+an op is called (directly in eager mode, as its torch.library custom op where torch.compile or a dispatch mode
+looks on)."""
 
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ from . import _native
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
-# backend="auto": the first usable backend per device type and op. On CPUs the C++ kernels. On GPUs the CUDA
-# extension where it is built: on an H200 (2026-11-26, README) it beat Triton in all 16 timed mmd_loss cases
+# backend="auto": the first usable backend per device type and op family. On CPUs the C++ kernels. On GPUs the
+# CUDA extension where it is built: on an H200 (2026-11-26, README) it beat Triton in all 16 timed mmd_loss cases
 # (about 2x) and in 22 of 24 interpolant cases, though a whole small-MLP IMM step was 5% faster with Triton
 # (3.80 vs 3.98 ms); Triton where the extension is not built.
 AUTO_ORDER = {
@@ -21,8 +23,9 @@ AUTO_ORDER = {
     "cuda": {"mmd": ("cuda", "triton", "reference"), "combine": ("cuda", "triton", "reference")},
 }
 
-# Modules that register an op's implementation for a backend when imported (imported on first use, so
-# triton is never imported unless asked for).
+# The ops of each family, and the module that registers a backend's implementations of them when imported
+# (imported on first use, so triton is never imported unless asked for).
+FAMILY_OPS = {"mmd": ("mmd_forward", "mmd_backward"), "combine": ("combine",)}
 _PROVIDERS = {
     ("mmd", "cpu"): "imm_kernels.mmd",
     ("mmd", "cuda"): "imm_kernels.mmd",
@@ -31,11 +34,16 @@ _PROVIDERS = {
     ("combine", "cuda"): "imm_kernels.interpolant",
     ("combine", "triton"): "imm_kernels.triton.interpolant",
 }
+_FAMILY = {op: family for family, ops in FAMILY_OPS.items() for op in ops}
 
 _IMPLEMENTATIONS: dict[tuple[str, str], Callable] = {}
+_CUSTOM_OPS: dict[str, Callable] = {}
+_RESOLVED: dict[tuple[str, str, str], str] = {}
 
 
 def register(op: str, backend: str):
+    """Decorator: fn implements custom op `op` (same arguments, backend last) on `backend`."""
+
     def decorate(fn: Callable) -> Callable:
         _IMPLEMENTATIONS[(op, backend)] = fn
         return fn
@@ -43,10 +51,23 @@ def register(op: str, backend: str):
     return decorate
 
 
+def register_custom_op(op: str, custom_op) -> None:
+    _CUSTOM_OPS[op] = custom_op
+
+
 def implementation(op: str, backend: str) -> Callable:
     if (op, backend) not in _IMPLEMENTATIONS:
-        importlib.import_module(_PROVIDERS[(op, backend)])
+        importlib.import_module(_PROVIDERS[(_FAMILY[op], backend)])
     return _IMPLEMENTATIONS[(op, backend)]
+
+
+def call(op: str, backend: str) -> Callable:
+    """What to call for `op`: the backend's implementation itself in eager mode (no custom-op dispatch, which
+    costs more than a small kernel), the registered custom op while torch.compile traces or a dispatch mode
+    (make_fx, FakeTensorMode, a profiler, the tests' op counter) is active."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return _CUSTOM_OPS[op]
+    return _IMPLEMENTATIONS.get((op, backend)) or implementation(op, backend)
 
 
 def _triton_problem() -> str | None:
@@ -81,20 +102,30 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     raise AssertionError(backend)
 
 
-@torch.compiler.assume_constant_result  # decided once while tracing: no imports or probing inside the graph
-def resolve(op: str, backend: str, device: torch.device) -> str:
-    """The concrete backend for `op` on `device`; raises with instructions when it cannot run."""
+def _resolve(family: str, backend: str, device_type: str) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(repr(b) for b in BACKENDS)}; got {backend!r}")
+    device = torch.device(device_type)
     if backend != "auto":
         reason = unavailable_reason(backend, device)
         if reason:
             raise RuntimeError(f"backend {backend!r} is unavailable: {reason}")
         return backend
-    for candidate in AUTO_ORDER.get(device.type, {}).get(op, ("reference",)):
+    for candidate in AUTO_ORDER.get(device_type, {}).get(family, ("reference",)):
         if unavailable_reason(candidate, device) is None:
             return candidate
     return "reference"
+
+
+@torch.compiler.assume_constant_result  # decided once while tracing: no imports or probing inside the graph
+def resolve(family: str, backend: str, device: torch.device) -> str:
+    """The concrete backend for op family `family` on `device` (decided once per process and device type);
+    raises with instructions when it cannot run."""
+    key = (family, backend, device.type)
+    resolved = _RESOLVED.get(key) if isinstance(backend, str) else None
+    if resolved is None:
+        resolved = _RESOLVED[key] = _resolve(family, backend, device.type)
+    return resolved
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:

@@ -1,5 +1,6 @@
 """The compiled modules (imm_kernels._C for CPUs, imm_kernels._cuda for NVIDIA GPUs) and what crosses into
-them: integer codes (csrc/common/platform.h), pointers, and per-device launch arguments."""
+them: integer codes (csrc/common/platform.h), pointers and strides, scalar operands, and per-device launch
+arguments."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 KERNEL_CODES = {"laplace": 0, "rbf": 1, "energy": 2}
 ESTIMATOR_CODES = {"v": 0, "u": 1}
+REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}
 SCHEDULE_CODES = {"fm": 0, "cosine": 1}
 PARAM_CODES = {"simple_edm": 0, "euler_fm": 1, "identity": 2}
 COMBINE_KIND_CODES = {"interpolate": 0, "imm_output": 1}
@@ -28,26 +30,79 @@ def load(backend: str):
         return None, f"{_MODULES[backend]} is not built ({error})"
     if backend == "cuda" and not module.device_available():
         return None, f"{_MODULES[backend]} is built but found no usable CUDA device or driver"
+    LOADED[backend] = module
     return module, None
 
 
-def launch_options(device: torch.device) -> dict:
-    """The per-device tail of every native call: the thread count on CPUs, the current stream on GPUs."""
-    if device.type == "cuda":
-        return {"stream": torch.cuda.current_stream(device).cuda_stream}
-    return {"num_threads": torch.get_num_threads()}
+#: The extensions that load() found working, by backend (the hot path reads this dict).
+LOADED: dict = {}
+
+
+def launch_arg(x: torch.Tensor):
+    """The per-device tail of every native call on x's device: the thread count on CPUs, the current stream on
+    GPUs."""
+    if x.is_cpu:
+        return torch.get_num_threads()
+    return torch.cuda.current_stream(x.device).cuda_stream
 
 
 def ptr(x: torch.Tensor | None) -> int:
-    return 0 if x is None or x.numel() == 0 else x.data_ptr()
+    """The data pointer; 0 (nothing to read or write) for None and for an empty placeholder."""
+    return 0 if x is None or not x.numel() else x.data_ptr()
+
+
+def scalar_arg(tensor: torch.Tensor | None, value: float) -> tuple:
+    """(pointer, stride, is_double, value) of a ScalarArg (common/problems.h): a 0-d or 1-d float32/float64 tensor
+    (stride 0 for one value), or else the plain value."""
+    if tensor is None:
+        return 0, 0, False, value
+    return tensor.data_ptr(), tensor.stride(0) if tensor.dim() else 0, tensor.dtype == torch.float64, 0.0
+
+
+def _feature_stride(x: torch.Tensor) -> tuple[int, int] | None:
+    """(stride between features, count of features) when x's features (all dims but the first) are one
+    strided run (packed: stride 1; expanded: stride 0), else None."""
+    shape, strides = x.shape, x.stride()
+    step = next((st for n, st in zip(reversed(shape[1:]), reversed(strides[1:])) if n != 1), 1)
+    count = 1
+    for size, stride in zip(reversed(shape[1:]), reversed(strides[1:])):
+        if size != 1 and stride != step * count:
+            return None
+        count *= size
+    return step, count
+
+
+def rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(tensor, row stride, features) of x seen as (B, D) rows with packed features: x itself when they are
+    (any row stride, also 0 or overlapping rows), else a packed copy."""
+    if x.is_contiguous():
+        return x, x.stride()[0], x.numel() // len(x)
+    layout = _feature_stride(x)
+    if layout is None or (layout[0] != 1 and layout[1] != 1):
+        x = x.reshape(x.shape[0], -1).contiguous()
+        return x, x.stride(0), x.shape[1]
+    return x, x.stride(0), layout[1]
+
+
+def operand(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """(tensor, row stride, feature stride, features) of x seen as (B, F): any single feature stride (0 for an
+    expanded gradient such as that of a sum), else a packed copy."""
+    if x.is_contiguous():
+        return x, x.stride()[0], 1, x.numel() // len(x)
+    layout = _feature_stride(x)
+    if layout is None:
+        x = x.reshape(x.shape[0], -1).contiguous()
+        return x, x.stride(0), 1, x.shape[1]
+    return x, x.stride(0), layout[0], layout[1]
 
 
 # Tests set IMM_KERNELS_POISON=1 so that every output a kernel fails to write shows up as NaN.
-_POISON = os.environ.get("IMM_KERNELS_POISON") == "1"
+POISON = os.environ.get("IMM_KERNELS_POISON") == "1"
 
 
-def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    out = torch.empty(shape, dtype=dtype, device=device)
-    if _POISON and not isinstance(out, torch._subclasses.FakeTensor):
+def new_output(like: torch.Tensor, shape, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialized output on like's device, in like's dtype unless given (NaN-filled under POISON)."""
+    out = like.new_empty(shape, dtype=dtype or like.dtype)
+    if POISON and not isinstance(out, torch._subclasses.FakeTensor):
         out.fill_(float("nan"))
     return out

@@ -1,11 +1,12 @@
-"""Every argument check of the public API, with the messages users read, and the normalisation of what
-passes (tensors to (rows, features), scalars to per-group or per-row tensors). Nothing here syncs a GPU:
-value checks on tensors (times in [0, 1], positive bandwidths) run only for CPU tensors outside torch.compile."""
+"""Every argument check of the public API, with the messages users read, and the normalisation of what passes.
+Checks of shapes, dtypes, devices and Python scalars run here, on every call (they cost about a microsecond),
+before any native code. Checks of values inside tensors (positive bandwidths, times in [0, 1], s <= t) would cost
+a device sync on GPUs: for CPU tensors the native backends make them inside the op (so they hold under
+torch.compile too), the reference and Triton backends here (in eager mode); on GPUs nothing checks them."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
@@ -13,6 +14,9 @@ KERNELS = ("laplace", "rbf", "energy")
 ESTIMATORS = ("v", "u")
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Dtypes the native kernels read scalar operands in (common/problems.h ScalarArg); others are converted.
+_NATIVE_SCALAR_DTYPES = (torch.float32, torch.float64)
+_SYMBOLIC = (torch.SymInt, torch.SymFloat)  # a Python number traced by torch.compile(dynamic=True)
 
 
 def choice(name: str, value, choices) -> None:
@@ -21,13 +25,17 @@ def choice(name: str, value, choices) -> None:
 
 
 def positive_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         raise TypeError(f"{name} must be an int; got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}; got {value}")
 
 
 def real(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
+    """A finite Python number as a float. A symbolic one (torch.compile with dynamic shapes) passes as it is:
+    its value is checked where it is used, inside the op."""
+    if isinstance(value, _SYMBOLIC):
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float; got {type(value).__name__}")
     value = float(value)
@@ -45,7 +53,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _checkable(x: torch.Tensor) -> bool:
+def checkable(x: torch.Tensor) -> bool:
     """Whether the values of x can be inspected without a device sync or a graph break."""
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
@@ -69,57 +77,66 @@ def same_batch(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> No
         raise ValueError(f"{name_a} and {name_b} must be on the same device; got {a.device} and {b.device}")
 
 
-def rows(x: torch.Tensor) -> torch.Tensor:
-    """(B, ...) -> (B, D) with contiguous features (a copy only when the view cannot be made)."""
-    x2 = x.reshape(x.shape[0], -1)
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
-def per_group(name: str, value, groups: int, like: torch.Tensor, *, positive: bool) -> torch.Tensor:
-    """A float or a (G,) / 0-d tensor -> a contiguous (G,) tensor in the accumulation dtype."""
-    dtype = accumulation_dtype(like.dtype)
+def scalar_operand(name: str, value, count: int, what: str, device: torch.device, *, positive: bool):
+    """A float, or a 0-d or (count,) float tensor on `device` -> (tensor or None, float value): what the native
+    kernels read per group or per sample (common/problems.h ScalarArg). Tensor values are not checked here."""
     if isinstance(value, torch.Tensor):
         if value.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a float tensor; got {value.dtype}")
-        if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != groups):
-            raise ValueError(f"{name} must be a float or a tensor of shape ({groups},) (one per group); "
+            raise TypeError(f"{name} must be a float or a float tensor; got {value.dtype}")
+        if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != count):
+            raise ValueError(f"{name} must be a float or a tensor of shape ({count},) ({what}); "
                              f"got shape {tuple(value.shape)}")
-        if value.device != like.device:
-            raise ValueError(f"{name} must be on {like.device} like the inputs; got {value.device}")
-        if positive and _checkable(value) and not bool((value > 0).all()):
-            raise ValueError(f"{name} must be > 0 for every group")
-        return value.detach().to(dtype).expand(groups).contiguous()
-    value = real(name, value, positive=positive)
-    return torch.full((groups,), value, dtype=dtype, device=like.device)
+        if value.device != device:
+            raise ValueError(f"{name} must be on {device} like the inputs; got {value.device}")
+        if value.dtype not in _NATIVE_SCALAR_DTYPES:  # float16 / bfloat16: rare, converted once here
+            value = value.float()
+        return value.detach(), 0.0
+    return None, real(name, value, positive=positive)
 
 
-@dataclass(frozen=True)
-class MMDArguments:
-    y_t: torch.Tensor  # (B, D), contiguous features
-    y_r: torch.Tensor
-    group_size: int
-    groups: int
-    bandwidth: torch.Tensor  # (G,) accumulation dtype
-    weight: torch.Tensor  # (G,) accumulation dtype
-    eps: float
+def positive_values(name: str, tensor: torch.Tensor | None, what: str) -> None:
+    """Eager check on CPU tensors, for the backends that make no check of their own (reference, Triton)."""
+    if tensor is not None and checkable(tensor) and not bool((tensor > 0).all()):
+        raise ValueError(f"{name} must be > 0 for every {what}")
 
 
-def mmd_arguments(y_t, y_r, group_size, kernel, bandwidth, weight, estimator, eps, reduction) -> MMDArguments:
-    float_tensor("y_t", y_t)
-    float_tensor("y_r", y_r)
-    same_batch("y_t", y_t, "y_r", y_r)
-    choice("kernel", kernel, KERNELS)
-    choice("estimator", estimator, ESTIMATORS)
-    choice("reduction", reduction, REDUCTIONS)
-    positive_int("group_size", group_size, minimum=2 if estimator == "u" else 1)
+_FLOAT_SET = frozenset(FLOAT_DTYPES)
+_KERNEL_SET, _ESTIMATOR_SET, _REDUCTION_SET = frozenset(KERNELS), frozenset(ESTIMATORS), frozenset(REDUCTIONS)
+
+
+def mmd_options(y_t, y_r, group_size, kernel, bandwidth, weight, estimator, eps, reduction):
+    """The checked arguments of mmd_loss -> (groups, bandwidth tensor or None, bandwidth value, weight tensor or
+    None, weight value, eps). Written as one pass of cheap tests on the hot path; the helpers above raise the
+    message of whichever failed."""
+    if not (isinstance(y_t, torch.Tensor) and isinstance(y_r, torch.Tensor) and y_t.dtype in _FLOAT_SET
+            and y_r.dtype == y_t.dtype and y_t.shape == y_r.shape and y_t.ndim and y_t.numel()
+            and y_t.device == y_r.device):
+        float_tensor("y_t", y_t)
+        float_tensor("y_r", y_r)
+        same_batch("y_t", y_t, "y_r", y_r)
+    if not (type(kernel) is str and kernel in _KERNEL_SET):
+        choice("kernel", kernel, KERNELS)
+    if not (type(estimator) is str and estimator in _ESTIMATOR_SET):
+        choice("estimator", estimator, ESTIMATORS)
+    if not (type(reduction) is str and reduction in _REDUCTION_SET):
+        choice("reduction", reduction, REDUCTIONS)
+    if not (type(group_size) is int and group_size >= (2 if estimator == "u" else 1)):
+        positive_int("group_size", group_size, minimum=2 if estimator == "u" else 1)
     batch = y_t.shape[0]
     if batch % group_size:
         raise ValueError(f"the batch size {batch} of y_t must be a multiple of group_size={group_size}")
     groups = batch // group_size
-    eps = real("eps", eps, nonnegative=True)
-    bw = per_group("bandwidth", bandwidth, groups, y_t, positive=True)
-    w = per_group("weight", 1.0 if weight is None else weight, groups, y_t, positive=False)
-    return MMDArguments(rows(y_t), rows(y_r), group_size, groups, bw, w, eps)
+    if not (type(eps) is float and 0 <= eps < math.inf):
+        eps = real("eps", eps, nonnegative=True)
+    if type(bandwidth) is float and 0 < bandwidth < math.inf:
+        bw, bw_value = None, bandwidth
+    else:
+        bw, bw_value = scalar_operand("bandwidth", bandwidth, groups, "one per group", y_t.device, positive=True)
+    if weight is None:
+        w, w_value = None, 1.0
+    else:
+        w, w_value = scalar_operand("weight", weight, groups, "one per group", y_t.device, positive=False)
+    return groups, bw, bw_value, w, w_value, eps
 
 
 def time_range(T, eps_t) -> None:
@@ -129,7 +146,7 @@ def time_range(T, eps_t) -> None:
         raise ValueError(f"times must satisfy 0 <= eps_t < T <= 1; got eps_t={eps_t}, T={T}")
 
 
-def imm_output_options(schedule: str, param: str, sigma_data) -> None:
+def imm_output_options(schedule: str, param: str, sigma_data) -> float:
     from .imm import PARAMS
     from .schedules import SCHEDULES
 
@@ -137,32 +154,34 @@ def imm_output_options(schedule: str, param: str, sigma_data) -> None:
     choice("param", param, PARAMS)
     if param == "euler_fm" and schedule != "fm":
         raise ValueError(f"param='euler_fm' is defined for schedule='fm' only; got schedule={schedule!r}")
-    real("sigma_data", sigma_data, positive=True)
+    return real("sigma_data", sigma_data, positive=True)
 
 
-def times(name: str, value, batch: int, like: torch.Tensor) -> torch.Tensor:
-    """A float, a 0-d tensor or a (B,) tensor of times in [0, 1] -> (B,) in the accumulation dtype
-    (a stride-0 view for one shared time)."""
-    dtype = accumulation_dtype(like.dtype)
+def time_operand(name: str, value, batch: int, device: torch.device):
+    """A time: a float in [0, 1], or a 0-d, (1,) or (B,) (or (B, 1, ...)) float tensor -> (tensor or None, value)."""
     if isinstance(value, torch.Tensor):
-        if value.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a float or a float tensor; got {value.dtype}")
         if value.numel() not in (1, batch) or (value.numel() == batch and value.dim() > 1
                                                and any(n != 1 for n in value.shape[1:])):
             raise ValueError(f"{name} must be a float or a tensor of shape ({batch},) (one per sample); "
                              f"got shape {tuple(value.shape)}")
-        if value.device != like.device:
-            raise ValueError(f"{name} must be on {like.device} like the inputs; got {value.device}")
-        if _checkable(value) and not bool(((value >= 0) & (value <= 1)).all()):
-            raise ValueError(f"{name} must lie in [0, 1]")
-        return value.detach().reshape(-1).to(dtype).expand(batch)
+        value = value.reshape(-1) if value.dim() != 1 else value
+        if value.numel() == 1 and batch != 1:
+            value = value.expand(batch)  # a stride-0 view: one time for every sample
+        return scalar_operand(name, value, batch, "one per sample", device, positive=False)
     value = real(name, value)
-    if not 0 <= value <= 1:
+    if not isinstance(value, _SYMBOLIC) and not 0 <= value <= 1:
         raise ValueError(f"{name} must lie in [0, 1]; got {value}")
-    return torch.full((1,), value, dtype=dtype, device=like.device).expand(batch)
+    return None, value
 
 
-def ordered(name_s: str, s: torch.Tensor, name_t: str, t: torch.Tensor) -> None:
-    """s <= t elementwise (checked where that costs no sync)."""
-    if _checkable(s) and _checkable(t) and not bool((s <= t).all()):
+def time_values(name: str, tensor: torch.Tensor | None) -> None:
+    """Eager check on CPU tensors of times in [0, 1] (NaN refused), for the backends without their own."""
+    if tensor is not None and checkable(tensor) and not bool(((tensor >= 0) & (tensor <= 1)).all()):
+        raise ValueError(f"{name} must lie in [0, 1]")
+
+
+def ordered_values(name_s: str, s, name_t: str, t) -> None:
+    """Eager check of s <= t elementwise where either is a CPU tensor, for the backends without their own."""
+    tensors = [x for x in (s, t) if isinstance(x, torch.Tensor)]
+    if tensors and all(checkable(x) for x in tensors) and not bool(torch.as_tensor(s <= t).all()):
         raise ValueError(f"{name_s} must be <= {name_t} (the target time comes before the source time)")

@@ -1,4 +1,4 @@
-"""IMM training quantities (IMM_SPEC sections 3-4) as plain tensor math: the output coefficients, the
+"""IMM training quantities (docs/math.md sections 3-4) as plain tensor math: the output coefficients, the
 kernel bandwidth, the time weight, the r(s, t) mapping and the time sampler."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The oracle: plain PyTorch versions of every op, in the dtype they are given (pass float64 for the
+"""The oracle: plain PyTorch versions of every op (docs/math.md), in the dtype they are given (pass float64 for the
 ground truth), with pairwise distances from direct differences and gradients from autograd.
 Memory is O(G (2M)^2 D): fine for checking, not for training at scale."""
 
@@ -33,36 +33,49 @@ def kernel_matrix(kernel: str, sq: torch.Tensor, bandwidth: torch.Tensor, featur
 
 def mmd_loss(y_t, y_r, group_size, *, kernel="laplace", bandwidth=1.0, weight=None, estimator="v", eps=1e-8,
              reduction="mean"):
-    """Grouped MMD of IMM_SPEC section 4; same arguments and semantics as imm_kernels.mmd_loss."""
-    args = _validate.mmd_arguments(y_t, y_r, group_size, kernel, bandwidth, weight, estimator, eps, reduction)
-    g, m = args.groups, group_size
+    """Grouped MMD of docs/math.md section 4; same arguments and semantics as imm_kernels.mmd_loss."""
+    g, bw, bw_value, w, w_value, eps = _validate.mmd_options(y_t, y_r, group_size, kernel, bandwidth, weight,
+                                                             estimator, eps, reduction)
+    _validate.positive_values("bandwidth", bw, "group")
+    m = group_size
     t = y_t.reshape(g, m, -1)
     r = y_r.reshape(g, m, -1)
     features = t.shape[-1]
     particles = torch.cat([t, r], dim=1)  # (G, 2M, D)
     diff = particles[:, :, None, :] - particles[:, None, :, :]
     sq = diff.square().sum(-1)  # (G, 2M, 2M)
-    k = kernel_matrix(kernel, sq, args.bandwidth.to(t.dtype).view(g, 1, 1), features, args.eps)
+    k = kernel_matrix(kernel, sq, _per_group(bw, bw_value, g, t).view(g, 1, 1), features, eps)
 
     self_w = torch.full((m, m), 1.0 / (m * m), dtype=t.dtype, device=t.device)
     if estimator == "u":
         self_w.fill_(1.0 / (m * (m - 1))).fill_diagonal_(0.0)
     cross_w = torch.full((m, m), -1.0 / (m * m), dtype=t.dtype, device=t.device)
     pair_w = torch.cat([torch.cat([self_w, cross_w], 1), torch.cat([cross_w, self_w], 1)], 0)
-    per_group = args.weight.to(t.dtype) * (k * pair_w).sum((-2, -1))
+    per_group = _per_group(w, w_value, g, t) * (k * pair_w).sum((-2, -1))
     if reduction == "mean":
         return per_group.mean()
     return per_group.sum() if reduction == "sum" else per_group
 
 
-def _per_sample(time, x: torch.Tensor) -> torch.Tensor:
-    """A float or per-sample times, shaped to broadcast over x's features, in x's dtype."""
-    return _validate.times("time", time, x.shape[0], x).to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+def _per_group(tensor, value, groups: int, like: torch.Tensor) -> torch.Tensor:
+    """A checked bandwidth or weight (tensor or value) as (G,) in like's dtype."""
+    if tensor is None:
+        return torch.full((groups,), value, dtype=like.dtype, device=like.device)
+    return tensor.to(like.dtype).reshape(-1).expand(groups)
+
+
+def _per_sample(name: str, time, x: torch.Tensor) -> torch.Tensor:
+    """A float or per-sample times, checked and shaped to broadcast over x's features, in x's dtype."""
+    tensor, value = _validate.time_operand(name, time, x.shape[0], x.device)
+    _validate.time_values(name, tensor)
+    if tensor is None:
+        tensor = torch.full((x.shape[0],), value, dtype=x.dtype, device=x.device)
+    return tensor.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
 
 
 def interpolate(x, noise, t, *, schedule="fm"):
     """x_t = alpha_t x + sigma_t noise."""
-    t = _per_sample(t, x)
+    t = _per_sample("t", t, x)
     return alpha(t, schedule) * x + sigma(t, schedule) * noise
 
 
@@ -73,8 +86,9 @@ def interpolate_pair(x, noise, t, r, *, schedule="fm"):
 
 def imm_output(x_t, g, s, t, *, schedule="fm", param="simple_edm", sigma_data=0.5):
     """f_{s,t}(x_t) = c_skip(s, t) x_t + c_out(s, t) g."""
-    c_skip, c_out = output_coefficients(_per_sample(s, x_t), _per_sample(t, x_t), schedule=schedule, param=param,
-                                        sigma_data=sigma_data)
+    s, t = _per_sample("s", s, x_t), _per_sample("t", t, x_t)
+    _validate.ordered_values("s", s, "t", t)
+    c_skip, c_out = output_coefficients(s, t, schedule=schedule, param=param, sigma_data=sigma_data)
     return c_skip * x_t + c_out * g
 
 

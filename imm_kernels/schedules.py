@@ -1,4 +1,4 @@
-"""Noise schedules of the interpolant x_t = alpha_t x + sigma_t eps (IMM_SPEC section 1).
+"""Noise schedules of the interpolant x_t = alpha_t x + sigma_t eps (docs/math.md section 1).
 
 Every function takes a float or a tensor of times and returns a tensor (float64 for Python floats).
 """

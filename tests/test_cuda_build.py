@@ -1,9 +1,10 @@
 """The CUDA wheel, built here with nvcc (no GPU needed): machine code for exactly the architectures asked for
-and no PTX, a +cuXY version, MMD kernels free of register spills and stack frames, and a module that loads and
-probes for a device without crashing. Skipped where nvcc is missing. The first run builds for about 1.5
+and no PTX, a +cuXY version, MMD kernels free of register spills and stack frames, the GPU-verified kernels'
+machine code unchanged, and a module that loads and probes for a device without crashing. Skipped where nvcc is missing. The first run builds for about 1.5
 minutes on 2 cores; reruns reuse build/cuda-wheel-test/."""
 
 import fcntl
+import hashlib
 import os
 import re
 import shutil
@@ -124,6 +125,44 @@ def test_mmd_kernels_neither_spill_nor_use_a_stack_frame(extension, cuobjdump):
     # huge-argument path, never taken for times in [0, 1].
     offenders = [line for (_, _, r), line in zip(rows, table) if "mmd_" in line and (r["STACK"] or r["LOCAL"])]
     assert not offenders, "MMD kernels with a stack frame (register spills):\n" + "\n".join(offenders)
+
+
+# The kernels that passed the test suite on an H200 (2026-11-26; csrc/cuda/verified.h) and the fingerprint of their
+# machine code for ARCHS, by the nvcc release that builds it: a change to them, or to what they include, shows here
+# before it could reach a GPU unverified.
+VERIFIED_KERNELS = ("mmd_group_kernel", "mmd_partial_sums_kernel", "mmd_finalize_kernel", "mmd_gradient_kernel",
+                    "combine_kernel")
+VERIFIED_FINGERPRINTS = {"13.0": "48:e8a4bf5e0f63f36e4437e63ecaa397e3"}
+
+
+def sass_fingerprint(sass: str) -> str:
+    """'<kernels>:<hash>' of the verified kernels' instructions (addresses, encodings and the compiler's
+    per-build name hashes left out)."""
+    functions, key = {}, None
+    for line in sass.splitlines():
+        if match := re.match(r"\s*arch = (\w+)", line):
+            arch = match.group(1)
+        elif match := re.match(r"\s*Function : (\S+)", line):
+            name = re.sub(r"_GLOBAL__N__\w+?_\d+_\w+_cu_\w{8}|NS\d?_|\d+_combine_cu_\w{8}", "", match.group(1))
+            key = (arch, name) if any(kernel in name for kernel in VERIFIED_KERNELS) else None
+            if key:
+                functions[key] = []
+        elif key and (code := re.sub(r"/\*[0-9a-f]{4}\*/|/\* 0x[0-9a-f]+ \*/", "", line).strip()):
+            functions[key].append(code)
+    digest = hashlib.sha256()
+    for key in sorted(functions):
+        digest.update(repr(key).encode())
+        digest.update("\n".join(functions[key]).encode())
+    return f"{len(functions)}:{digest.hexdigest()[:32]}"
+
+
+def test_verified_kernels_keep_their_machine_code(extension, cuobjdump):
+    release = ".".join(re.search(r"release (\d+)\.(\d+)", run(NVCC, "--version")).groups())
+    if release not in VERIFIED_FINGERPRINTS:
+        pytest.skip(f"no fingerprint recorded for nvcc {release} (recorded: {', '.join(VERIFIED_FINGERPRINTS)})")
+    assert sass_fingerprint(run(cuobjdump, "-sass", str(extension))) == VERIFIED_FINGERPRINTS[release], (
+        "the machine code of the GPU-verified CUDA kernels changed: a change to csrc/cuda/mmd.cu, combine.cu, "
+        "verified.h or what they include must pass the suite on a GPU (tests/gpu_check.sh) before it lands")
 
 
 def test_module_loads_and_probes_for_a_device(extension):

@@ -1,4 +1,4 @@
-"""The IMM schedule math (IMM_SPEC sections 1-4) against closed forms written out independently here."""
+"""The IMM schedule math (docs/math.md sections 1-4) against closed forms written out independently here."""
 
 import math
 

@@ -105,15 +105,20 @@ def test_edges_of_time(device, backend):
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
 def test_opcheck(device, backend):
+    """The custom op's schema and fake, forward and transposed, with time tensors and plain values."""
     x = torch.randn(4, 6, device=device)
     n = torch.randn_like(x)
     t = torch.rand(4, device=device)
     r = t * 0.5
     op = torch.ops.imm_kernels.combine.default
-    torch.library.opcheck(op, (x, n, r, t, "imm_output", 1, False, True, False, "fm", "simple_edm", 0.5, backend))
-    torch.library.opcheck(op, (x, n, t, r, "interpolate", 2, False, True, True, "cosine", "simple_edm", 0.5, backend))
-    torch.library.opcheck(op, (x, n, t, r, "interpolate", 2, True, True, False, "fm", "simple_edm", 0.5, backend))
-    torch.library.opcheck(op, (x, None, t, t, "interpolate", 1, True, False, True, "fm", "simple_edm", 0.5, backend))
+    torch.library.opcheck(op, (x, n, r, 0.0, t, 0.0, "imm_output", 1, False, True, False, "fm", "simple_edm", 0.5,
+                               backend))
+    torch.library.opcheck(op, (x, n, t, 0.0, None, 0.3, "interpolate", 2, False, True, True, "cosine", "simple_edm",
+                               0.5, backend))
+    torch.library.opcheck(op, (x, n, None, 0.6, r, 0.0, "interpolate", 2, True, True, False, "fm", "simple_edm", 0.5,
+                               backend))
+    torch.library.opcheck(op, (x, None, t, 0.0, t, 0.0, "interpolate", 1, True, False, True, "fm", "simple_edm", 0.5,
+                               backend))
 
 
 BAD_CALLS = [

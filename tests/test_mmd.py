@@ -166,13 +166,21 @@ def test_module_form(device, backend):
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
 def test_opcheck(device, backend):
+    """The custom ops' schemas, fakes and autograd registration, as torch.compile relies on them."""
     y_t = torch.randn(8, 5, device=device)
     y_r = torch.randn_like(y_t)
-    bw = torch.full((2,), 1.5, device=device)
-    w = torch.rand(2, device=device)
-    for grads in ((True, False), (True, True), (False, False)):
-        torch.library.opcheck(torch.ops.imm_kernels.mmd_fused.default,
-                              (y_t, y_r, bw, w, 4, "laplace", "v", 1e-8, *grads, backend))
+    bandwidths = [(torch.full((2,), 1.5, device=device), 0.0), (None, 1.5)]
+    weights = [(torch.rand(2, device=device), 0.0), (None, 1.0)]
+    forward = torch.ops.imm_kernels.mmd_forward.default
+    for (bw, bw_value), (w, w_value), reduction, grads in zip(bandwidths * 2, weights[::-1] * 2, ("mean", "none") * 2,
+                                                              ((True, False), (True, True), (False, False),
+                                                               (False, True))):
+        arguments = (y_t, y_r, bw, bw_value, w, w_value, 4, "laplace", "v", 1e-8, reduction, *grads, backend)
+        torch.library.opcheck(forward, arguments)
+        out, saved = forward(*arguments)
+        if any(grads):
+            torch.library.opcheck(torch.ops.imm_kernels.mmd_backward.default,
+                                  (torch.rand_like(out), y_t, y_r, saved, 4, *grads, backend))
 
 
 def test_auto_picks_a_native_backend_on_cpu():

@@ -13,8 +13,11 @@ pytest.importorskip("triton")
 
 ARCHS = [80, 90]
 
-# Pointer parameters in the input dtype; every other pointer is in the accumulation dtype.
-INPUT_POINTERS = {"y_t_ptr", "y_r_ptr", "grad_t_ptr", "grad_r_ptr", "src0_ptr", "src1_ptr", "dst0_ptr", "dst1_ptr"}
+# Pointer parameters in the input dtype, in float64, in int32; every other pointer is in the accumulation dtype.
+INPUT_POINTERS = {"y_t_ptr", "y_r_ptr", "grad_t_ptr", "grad_r_ptr", "grad_output_ptr", "out_ptr", "src0_ptr",
+                  "src1_ptr", "dst0_ptr", "dst1_ptr"}
+FLOAT64_POINTERS = {"partial_ptr", "sums_ptr"}
+INT32_POINTERS = {"counter_ptr"}
 
 
 def signature(kernel, dtype: str) -> dict:
@@ -27,7 +30,9 @@ def signature(kernel, dtype: str) -> dict:
         if param.annotation:  # floats declared in the kernel, e.g. eps: tl.float64
             return param.annotation
         if param.name.endswith("_ptr"):
-            return "*" + (dtype if param.name in INPUT_POINTERS else acc)
+            if param.name in INPUT_POINTERS:
+                return "*" + dtype
+            return "*" + ("fp64" if param.name in FLOAT64_POINTERS else "i32" if param.name in INT32_POINTERS else acc)
         return "i32"
 
     return {param.name: param_type(param) for param in kernel.params}
@@ -41,51 +46,56 @@ def variants():
 
     from imm_kernels.triton import interpolant, mmd
 
-    def group_shape(group_size, dtype, features=None):
+    def group_shape(group_size, dtype, features=None, acc=True):
         """The group constexprs, and the tile width for `features` unless None (the finalize has no tiles)."""
         pad = triton.next_power_of_2(group_size)
-        shape = dict(GROUP_SIZE=group_size, GROUP_PAD=pad, ACC=tl.float64 if dtype == "fp64" else tl.float32)
+        shape = dict(GROUP_SIZE=group_size, GROUP_PAD=pad)
+        if acc:
+            shape["ACC"] = tl.float64 if dtype == "fp64" else tl.float32
         if features is not None:
-            acc = torch.float64 if dtype == "fp64" else torch.float32
-            shape["BLOCK_D"] = mmd.block_features(pad, features, acc, torch.device("cuda"))
+            torch_acc = torch.float64 if dtype == "fp64" else torch.float32
+            shape["BLOCK_D"] = mmd.block_features(pad, features, torch_acc, torch.device("cuda"))
         return shape
 
-    def grads(write_t=True, write_r=True):
-        return dict(WRITE_T=write_t, WRITE_R=write_r)
+    def forward(kernel="laplace", estimator="v", reduction="mean", tensors=True, save=True):
+        return dict(KERNEL=kernel, ESTIMATOR=estimator, REDUCTION=reduction, BANDWIDTH_TENSOR=tensors,
+                    WEIGHT_TENSOR=tensors, SAVE=save)
 
-    # Many small groups, e.g. (G, M, D) = (1024, 4, 4096): one program per group.
+    # Many small groups, e.g. (G, M, D) = (1024, 4, 4096): forward and backward one program per group.
     for kernel in ("laplace", "rbf", "energy"):
         for estimator in ("v", "u"):
-            yield mmd._mmd_group_kernel, "fp32", dict(group_shape(4, "fp32", 4096), KERNEL=kernel,
-                                                      ESTIMATOR=estimator, **grads())
+            yield mmd._mmd_forward_kernel, "fp32", dict(group_shape(4, "fp32", 4096), **forward(kernel, estimator))
     for dtype, kernel in (("bf16", "laplace"), ("fp16", "rbf"), ("fp64", "energy")):
-        yield mmd._mmd_group_kernel, dtype, dict(group_shape(4, dtype, 4096), KERNEL=kernel, ESTIMATOR="u", **grads())
+        yield mmd._mmd_forward_kernel, dtype, dict(group_shape(4, dtype, 4096), **forward(kernel, "u"))
     for group_size, features in ((1, 4096), (3, 4096), (8, 4096), (16, 4096), (4, 1)):
-        yield mmd._mmd_group_kernel, "fp32", dict(group_shape(group_size, "fp32", features), KERNEL="laplace",
-                                                  ESTIMATOR="v", **grads())
-    for write_t, write_r in ((False, False), (True, False)):
-        yield mmd._mmd_group_kernel, "fp32", dict(group_shape(4, "fp32", 4096), KERNEL="laplace", ESTIMATOR="v",
-                                                  **grads(write_t, write_r))
-    # Few large groups, e.g. (8, 8, 196608): features split into chunks, three kernels.
+        yield mmd._mmd_forward_kernel, "fp32", dict(group_shape(group_size, "fp32", features), **forward())
+    for reduction, tensors, save in (("none", False, False), ("sum", True, False), ("mean", False, True)):
+        yield mmd._mmd_forward_kernel, "fp32", dict(group_shape(4, "fp32", 4096),
+                                                    **forward(reduction=reduction, tensors=tensors, save=save))
+    for dtype in ("fp32", "bf16", "fp16", "fp64"):
+        yield mmd._mmd_backward_kernel, dtype, dict(group_shape(4, dtype, 4096), WRITE_T=True, WRITE_R=True)
+    yield mmd._mmd_backward_kernel, "fp32", dict(group_shape(16, "fp32", 3072), WRITE_T=True, WRITE_R=False)
+    # Few large groups, e.g. (8, 8, 196608): features split into chunks.
     for dtype in ("fp32", "bf16", "fp64"):
         yield mmd._mmd_partial_sums_kernel, dtype, group_shape(8, dtype, 196608)
-        yield mmd._mmd_gradient_kernel, dtype, dict(group_shape(8, dtype, 196608), **grads())
+        yield mmd._mmd_backward_kernel, dtype, dict(group_shape(8, dtype, 196608), WRITE_T=True, WRITE_R=True)
     yield mmd._mmd_partial_sums_kernel, "fp32", group_shape(16, "fp32", 196608)
-    yield mmd._mmd_gradient_kernel, "fp32", dict(group_shape(8, "fp32", 196608), **grads(False, True))
-    for dtype, kernel, estimator in (("fp32", "laplace", "u"), ("fp32", "rbf", "v"), ("fp32", "energy", "u"),
-                                     ("fp64", "laplace", "v")):
-        yield mmd._mmd_finalize_kernel, dtype, dict(group_shape(8, dtype), KERNEL=kernel, ESTIMATOR=estimator)
+    for dtype, kernel, estimator, reduction in (("fp32", "laplace", "u", "mean"), ("fp32", "rbf", "v", "none"),
+                                                ("bf16", "energy", "u", "sum"), ("fp64", "laplace", "v", "mean")):
+        yield mmd._mmd_finalize_kernel, dtype, dict(group_shape(8, dtype, acc=False),
+                                                    **forward(kernel, estimator, reduction))
 
     # combine: every (kind, schedule, param) of the public ops, forward and transposed (the backward).
     cases = [("interpolate", s, "simple_edm", outputs) for s in ("fm", "cosine") for outputs in (1, 2)]
     cases += [("imm_output", "fm", p, 1) for p in ("simple_edm", "euler_fm", "identity")]
     cases += [("imm_output", "cosine", p, 1) for p in ("simple_edm", "identity")]
 
-    def combine(kind, schedule, param, outputs, transpose, features=3072):
+    def combine(kind, schedule, param, outputs, transpose, dtype="fp32", features=3072, times=(True, True)):
         has_src1 = outputs == 2 or not transpose
         return dict(KIND=kind, SCHEDULE=schedule, PARAM=param, OUTPUTS=outputs, TRANSPOSE=transpose,
-                    HAS_SRC1=has_src1, WRITE0=True, WRITE1=outputs == 2 or transpose,
-                    BLOCK_F=interpolant.block_features(features))
+                    HAS_SRC1=has_src1, WRITE0=True, WRITE1=outputs == 2 or transpose, TIME0_TENSOR=times[0],
+                    TIME1_TENSOR=times[1], BLOCK_F=interpolant.block_features(features),
+                    ACC=tl.float64 if dtype == "fp64" else tl.float32)
 
     for case in cases:
         for transpose in (False, True):
@@ -93,7 +103,8 @@ def variants():
     for dtype in ("bf16", "fp16", "fp64"):
         for case in (("interpolate", "fm", "simple_edm", 2), ("imm_output", "cosine", "simple_edm", 1)):
             for transpose in (False, True):
-                yield interpolant._combine_kernel, dtype, combine(*case, transpose, features=9000)
+                yield interpolant._combine_kernel, dtype, combine(*case, transpose, dtype=dtype, features=9000)
+    yield interpolant._combine_kernel, "fp32", combine("imm_output", "fm", "simple_edm", 1, False, times=(False, True))
 
 
 def compile_all(arch: int) -> int:

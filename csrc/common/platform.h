@@ -16,6 +16,7 @@ namespace imm {
 enum class DType : int { f32 = 0, f64 = 1, f16 = 2, bf16 = 3 };
 enum class Kernel : int { laplace = 0, rbf = 1, energy = 2 };
 enum class Estimator : int { v = 0, u = 1 };
+enum class Reduction : int { mean = 0, sum = 1, none = 2 };
 enum class Schedule : int { fm = 0, cosine = 1 };
 enum class Param : int { simple_edm = 0, euler_fm = 1, identity = 2 };
 enum class CombineKind : int { interpolate = 0, imm_output = 1 };

@@ -1,4 +1,4 @@
-// Schedule coefficients of the interpolant, the DDIM step and the IMM output map (IMM_SPEC sections 1-3),
+// Schedule coefficients of the interpolant, the DDIM step and the IMM output map (docs/math.md sections 1-3),
 // shared by every native backend. Differences of nearby times are formed analytically
 // (alpha_s sigma_t - alpha_t sigma_s = t - s on fm, sin(pi (t - s) / 2) on cosine) so s -> t does not cancel.
 #pragma once

@@ -1,19 +1,19 @@
-// Entry points of the C++ CPU backend (OpenMP over groups or rows, and over features when groups are few).
+// Entry points of the C++ CPU backend (OpenMP over groups, pair blocks or rows, and over features when there
+// are too few of those for the threads). Nothing here allocates inside a parallel region: an allocation that
+// fails is a std::bad_alloc before any thread starts (a Python MemoryError), never an abort.
 #pragma once
 #include "common/problems.h"
 
 namespace imm::cpu {
 
-// Bytes of caller-provided scratch that mmd_fused needs: none, its threads keep their sums in their own buffers.
-inline int64_t mmd_workspace_bytes(int64_t, int64_t, int64_t, DType) { return 0; }
+// The loss of problem.reduction and, where problem.coefficients is set, the per-pair coefficients of the backward.
+void mmd_forward(const MmdForwardProblem& problem, int num_threads);
 
-// Loss per group and, where the grad pointers are set, the gradient of sum_g loss_g.
-void mmd_fused(const MmdProblem& problem, int num_threads);
+// The gradients of the loss scaled by the output's gradient, from the forward's coefficients.
+void mmd_backward(const MmdBackwardProblem& problem, int num_threads);
 
-// dst_o = coef_o0 * src0 + coef_o1 * src1 per row, the coefficients from the row's times. forward: src = the two
-// inputs, dst = the outputs. backward (transpose = true): src = the output grads, dst = the input grads.
-// src[1] / dst[1] may be null (one output; an input needing no grad).
-void combine(const CombineProblem& problem, const void* const src[2], void* const dst[2], bool transpose,
-             int num_threads);
+// dst_o = coef_o0 * src0 + coef_o1 * src1 per row, the coefficients from the row's times (transposed in the
+// backward). Refuses bad times first when problem.check_values is set.
+void combine(const CombineProblem& problem, int num_threads);
 
 }  // namespace imm::cpu

@@ -1,6 +1,8 @@
 // CPU storage types, conversions to and from the accumulation type, the dtype dispatch and the
 // instruction-set clones of the hot loops (portable binary, AVX2/AVX-512 picked at load time).
 #pragma once
+#include <omp.h>
+
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -72,5 +74,15 @@ void dispatch_dtype(DType dtype, Fn&& fn) {
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Runs body(thread) on `threads` OpenMP threads, or directly on this thread when there is one (no team: a tiny
+// call pays nothing for it). Work inside is shared with `#pragma omp for`, which runs whole outside a team.
+// body must not throw: an exception cannot leave an OpenMP region.
+template <class Body>
+void parallel(int threads, Body&& body) {
+  if (threads <= 1) return body(0);
+#pragma omp parallel num_threads(threads)
+  body(omp_get_thread_num());
+}
 
 }  // namespace imm::cpu

@@ -1,7 +1,7 @@
 """imm_kernels::combine in Triton: the per-sample linear maps of interpolate / interpolate_pair / ddim /
 imm_output, forward (dst_o = a_o src0 + b_o src1) and backward (the transpose), with the coefficients
-(csrc/common/schedule_math.h) computed in the kernel from the row's times. One launch per call on a
-(rows, feature blocks) grid.
+(csrc/common/schedule_math.h) computed in the kernel from the row's times (a per-sample tensor or one value).
+One launch per call on a (rows, feature blocks) grid; sources may be strided views, destinations are packed.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _dispatch
+from .. import _dispatch, _native, _validate
 from ..interpolant import combine_outputs
 
 _HALF_PI = tl.constexpr(math.pi / 2)
@@ -96,25 +96,35 @@ def _combine_sources(c0, x0, c1, x1, HAS_SRC1: tl.constexpr):
 
 
 @triton.jit
-def _combine_kernel(src0_ptr, src1_ptr, dst0_ptr, dst1_ptr, time0_ptr, time0_stride, time1_ptr, time1_stride,
-                    sigma_data: tl.float64, features, KIND: tl.constexpr, SCHEDULE: tl.constexpr,
-                    PARAM: tl.constexpr, OUTPUTS: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_SRC1: tl.constexpr,
-                    WRITE0: tl.constexpr, WRITE1: tl.constexpr, BLOCK_F: tl.constexpr):
+def _time(pointer, stride, value, row, TENSOR: tl.constexpr, ACC: tl.constexpr):
+    """The row's time: pointer[row * stride] or the plain value, in the accumulation dtype."""
+    if TENSOR:
+        time = tl.load(pointer + row * stride).to(ACC)
+    else:
+        time = tl.full((), value, ACC)
+    return time
+
+
+@triton.jit
+def _combine_kernel(src0_ptr, src1_ptr, dst0_ptr, dst1_ptr, src0_row_stride, src0_feature_stride, src1_row_stride,
+                    src1_feature_stride, time0_ptr, time0_stride, time0_value: tl.float64, time1_ptr, time1_stride,
+                    time1_value: tl.float64, sigma_data: tl.float64, features, KIND: tl.constexpr,
+                    SCHEDULE: tl.constexpr, PARAM: tl.constexpr, OUTPUTS: tl.constexpr, TRANSPOSE: tl.constexpr,
+                    HAS_SRC1: tl.constexpr, WRITE0: tl.constexpr, WRITE1: tl.constexpr, TIME0_TENSOR: tl.constexpr,
+                    TIME1_TENSOR: tl.constexpr, BLOCK_F: tl.constexpr, ACC: tl.constexpr):
     """One block of features of one row (grid: rows x feature blocks)."""
     row = tl.program_id(0)
     feature = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     mask = feature < features
     offset = row.to(tl.int64) * features + feature
-    # The times are stored in the accumulation dtype (float64 for float64 data, else float32).
-    time0 = tl.load(time0_ptr + row * time0_stride)
-    time1 = tl.load(time1_ptr + row * time1_stride)
-    acc = time0.dtype
-    sigma_data = tl.full((), sigma_data, acc)
+    time0 = _time(time0_ptr, time0_stride, time0_value, row, TIME0_TENSOR, ACC)
+    time1 = _time(time1_ptr, time1_stride, time1_value, row, TIME1_TENSOR, ACC)
+    sigma_data = tl.full((), sigma_data, ACC)
     a0, b0 = _output_coefficients(time0, time1, sigma_data, 0, KIND, SCHEDULE, PARAM)  # mix[0] = (a0, b0)
     if OUTPUTS == 2:
         a1, b1 = _output_coefficients(time0, time1, sigma_data, 1, KIND, SCHEDULE, PARAM)
     else:  # mix[1] = 0, as in the native kernels
-        a1 = tl.zeros((), acc)
+        a1 = tl.zeros((), ACC)
         b1 = a1
     # c<d><s>: the weight of source s in destination d.
     if TRANSPOSE:  # dst_i = sum_o mix[o][i] src_o
@@ -122,9 +132,10 @@ def _combine_kernel(src0_ptr, src1_ptr, dst0_ptr, dst1_ptr, time0_ptr, time0_str
     else:  # dst_o = sum_i mix[o][i] src_i
         c00, c01, c10, c11 = a0, b0, a1, b1
     # Converted right after the load: narrow-float arithmetic is wrong in the Triton interpreter.
-    x0 = tl.load(src0_ptr + offset, mask=mask).to(acc)
+    x0 = tl.load(src0_ptr + row.to(tl.int64) * src0_row_stride + feature * src0_feature_stride, mask=mask).to(ACC)
     if HAS_SRC1:
-        x1 = tl.load(src1_ptr + offset, mask=mask).to(acc)
+        x1 = tl.load(src1_ptr + row.to(tl.int64) * src1_row_stride + feature * src1_feature_stride,
+                     mask=mask).to(ACC)
     else:
         x1 = x0  # not read: _combine_sources drops the second source
     if WRITE0:
@@ -141,14 +152,27 @@ def block_features(features: int) -> int:
 
 
 @_dispatch.register("combine", "triton")
-def combine(src0, src1, time0, time1, kind, outputs, transpose, write0, write1, schedule, param, sigma_data):
+def combine(src0, src1, time0, time0_value, time1, time1_value, kind, outputs, transpose, write0, write1, schedule,
+            param, sigma_data, backend):
+    if src0.device.type == "cpu" and not transpose:  # under the interpreter: the native CPU backend's checks
+        names = ("t", "r") if kind == "interpolate" else ("s", "t")
+        _validate.time_values(names[0], time0)
+        _validate.time_values(names[1], time1)
+        if kind == "imm_output":
+            _validate.ordered_values("s", time0 if time0 is not None else time0_value,
+                                     "t", time1 if time1 is not None else time1_value)
     dst0, dst1 = combine_outputs(src0, write0, write1)
-    rows, features = src0.shape
+    s0, row0, step0, features = _native.operand(src0)
+    s1, row1, step1, _ = _native.operand(src1) if src1 is not None else (s0, 0, 0, 0)
     block_f = block_features(features)
-    has_src1 = src1 is not None
+    acc = tl.float64 if src0.dtype == torch.float64 else tl.float32
     with torch.cuda.device_of(src0):  # Triton launches on the current device
-        _combine_kernel[(rows, triton.cdiv(features, block_f))](
-            src0, src1 if has_src1 else src0, dst0, dst1, time0, time0.stride(0), time1, time1.stride(0),
-            sigma_data, features, KIND=kind, SCHEDULE=schedule, PARAM=param, OUTPUTS=outputs, TRANSPOSE=transpose,
-            HAS_SRC1=has_src1, WRITE0=write0, WRITE1=write1, BLOCK_F=block_f)
+        _combine_kernel[(src0.shape[0], triton.cdiv(features, block_f))](
+            s0, s1, dst0 if dst0 is not None else s0, dst1 if dst1 is not None else s0, row0, step0, row1, step1,
+            time0 if time0 is not None else s0, 0 if time0 is None or not time0.ndim else time0.stride(0),
+            time0_value, time1 if time1 is not None else s0,
+            0 if time1 is None or not time1.ndim else time1.stride(0), time1_value, sigma_data, features, KIND=kind,
+            SCHEDULE=schedule, PARAM=param, OUTPUTS=outputs, TRANSPOSE=transpose, HAS_SRC1=src1 is not None,
+            WRITE0=write0, WRITE1=write1, TIME0_TENSOR=time0 is not None, TIME1_TENSOR=time1 is not None,
+            BLOCK_F=block_f, ACC=acc)
     return dst0, dst1

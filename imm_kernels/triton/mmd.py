@@ -1,17 +1,21 @@
-"""Grouped MMD (imm_kernels.mmd_loss) in Triton, with the math of csrc/common/mmd_math.h and csrc/cpu/mmd.cpp.
+"""Grouped MMD (imm_kernels.mmd_loss) in Triton, with the math of csrc/common/mmd_math.h (docs/math.md section 4).
 
-Pass 1 sums, per ordered pair (i, j) of a group, five quantities over the features by direct differences
+Forward: pass 1 sums, per ordered pair (i, j) of a group, five quantities over the features by direct differences
 (never |x|^2 + |y|^2 - 2xy, which cancels when y_r ~ y_t):
     tt = |t_i - t_j|^2, rr = |r_i - r_j|^2, tr = |t_i - r_j|^2,
     dt = sum (t_j - r_j)((t_i - r_j) + (t_i - t_j)),  dr = -sum (t_j - r_j)((r_i - r_j) + (r_i - t_j)).
-A finalize step turns them, in float64, into the group's loss and the per-pair gradient coefficients P, Q of
-each side, and pass 2 writes grad_X_i = sum_j P_ij (Y_j - X_j) + Q_ij (X_i - Y_j).
+A finalize step turns them, in float64, into the group's loss and, when a gradient will be wanted, the per-pair
+gradient coefficients (own, cross, gap) of each side; the losses are reduced (mean, sum) by the last program to
+finish, in group order (deterministic), through a counter it resets for the next launch.
+Backward: grad_X_i = go_g sum_j own_ij (X_i - X_j) + cross_ij (X_i - Y_j) + gap_ij (X_j - Y_j), go_g read from the
+output's gradient inside the kernel.
 
 Launches (no host syncs, so a call can be captured in a CUDA graph):
-- enough groups to fill the GPU (e.g. G, M, D = 1024, 4, 4096): one program per group runs pass 1, the
-  finalize and pass 2, so pass 2 finds the group's rows still in cache;
-- few large groups (e.g. 8, 8, 196608): each group's features are split into chunks, and three kernels run
-  pass 1 per (group, chunk) into partial sums, the finalize per group, and pass 2 per (group, chunk).
+- enough groups to fill the GPU (e.g. G, M, D = 1024, 4, 4096): forward one program per group (pass 1, finalize,
+  reduction), backward one program per group: one launch each way;
+- few large groups (e.g. 8, 8, 196608): each group's features are split into chunks; forward runs pass 1 per
+  (group, chunk) into partial sums, then the finalize per group (chunks summed as one block, not one by one);
+  backward one program per (group, chunk).
 A group's M rows are padded to a power of two (masked); a tile holds (M, M, BLOCK_D) pair differences.
 """
 
@@ -21,17 +25,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _dispatch
-from ..mmd import mmd_outputs
+from .. import _dispatch, _validate
+from ..mmd import COEFFICIENT_BLOCKS, backward_outputs, forward_outputs
 
-# Square (M x M) blocks per group: pair sums tt, rr, tr, dt, dr; coefficients P_t, Q_t, P_r, Q_r.
-PAIR_SUMS = tl.constexpr(5)
-COEFFICIENT_BLOCKS = tl.constexpr(4)
+PAIR_SUMS = tl.constexpr(5)  # square (M x M) blocks of pass-1 sums per group: tt, rr, tr, dt, dr
+SIDE_BLOCKS = tl.constexpr(COEFFICIENT_BLOCKS // 2)  # own, cross, gap of one side
 
 _TILE_BYTES = 8192  # one (M, M, BLOCK_D) pair tile: ~100-130 registers a thread at 4 warps, no spills (sm_90)
 _MAX_BLOCK_D = 1024
 _TARGET_PROGRAMS = 512  # enough programs to keep every SM of a large GPU (an H100 has 132) busy
 _MIN_CHUNK = 2048  # features of one group per program, at least, when a group's features are split
+_CHUNK_BLOCK = tl.constexpr(16)  # chunks' partial sums the split finalize adds at once
+_REDUCE_BLOCK = tl.constexpr(1024)  # group losses the last program adds at once
 
 
 @triton.jit
@@ -44,48 +49,41 @@ def _expm1(x):
 
 
 @triton.jit
-def _exp_difference(xa, xb, gap):
-    """exp(-xa) - exp(-xb), given gap = xb - xa accurately: expm1 where the two are close (the difference
-    would cancel), the plain difference elsewhere (where expm1 could overflow against an underflowed exp)."""
-    close = (gap < 0.5) & (gap > -0.5)
-    return tl.where(close, -tl.exp(-xa) * _expm1(-tl.where(close, gap, 0.0)), tl.exp(-xa) - tl.exp(-xb))
-
-
-@triton.jit
-def _laplace_psi(d, c, eps):
-    """phi'(d) / d of the Laplace kernel; zero at or below the floor, NaN for NaN d."""
-    below = d <= eps
-    return tl.where(below, 0.0, -c * tl.exp(-c * d) / tl.where(below, 1.0, d))
-
-
-@triton.jit
 def _pair_terms(a2, b2, delta, c, eps, KERNEL: tl.constexpr):
-    """(phi(a), phi(a) - phi(b), psi(a), psi(a) - psi(b)) of mmd_math.h's pair_terms, elementwise in float64,
-    for squared distances a2, b2 and delta = b2 - a2."""
+    """(phi(a), phi(a) - phi(b), psi(a), psi(a) - psi(b), psi(b)) of mmd_math.h's pair_terms, elementwise in
+    float64, for squared distances a2, b2 and delta = b2 - a2."""
     if KERNEL == "rbf":  # phi = exp(-c d^2)
         phi_a = tl.exp(-c * a2)
-        dphi = _exp_difference(c * a2, c * b2, c * delta)
+        phi_b = tl.exp(-c * b2)
+        gap = c * delta
+        near = (gap < 0.5) & (gap > -0.5)  # where phi(a) - phi(b) would cancel: expm1
+        dphi = tl.where(near, -phi_a * _expm1(-tl.where(near, gap, 0.0)), phi_a - phi_b)
         psi_a = -2.0 * c * phi_a
         dpsi = -2.0 * c * dphi
+        psi_b = -2.0 * c * phi_b
     else:
         a = tl.sqrt(a2)
         b = tl.sqrt(b2)
         total = a + b
         b_minus_a = tl.where(total > 0.0, delta / tl.where(total > 0.0, total, 1.0), 0.0)
-        if KERNEL == "laplace":  # phi = exp(-c max(d, eps))
+        if KERNEL == "laplace":  # phi = exp(-c max(d, eps)); psi = -c exp(-c d) / d above the floor, else 0
             a_floored = tl.where(a < eps, eps, a)
             b_floored = tl.where(b < eps, eps, b)
             both_live = ~(a <= eps) & ~(b <= eps)
             gap = tl.where(both_live, b_minus_a, b_floored - a_floored)
             c_gap = c * gap
-            phi_a = tl.exp(-c * a_floored)
-            dphi = _exp_difference(c * a_floored, c * b_floored, c_gap)
-            psi_a = _laplace_psi(a, c, eps)
+            near = (c_gap < 0.5) & (c_gap > -0.5)
+            em = _expm1(-tl.where(near, c_gap, 0.0))
+            ea = tl.exp(-c * a_floored)
+            eb = tl.exp(-c * b_floored)
+            phi_a = ea
+            dphi = tl.where(near, -ea * em, ea - eb)
+            psi_a = tl.where(a <= eps, 0.0, -c * ea / tl.where(a <= eps, 1.0, a))
+            psi_b = tl.where(b <= eps, 0.0, -c * eb / tl.where(b <= eps, 1.0, b))
             # Close distances: psi(a) - psi(b) = psi(a) (1 - e^{-c gap} a / b), expanded so nothing cancels.
-            close = both_live & (c_gap < 0.5) & (c_gap > -0.5)
-            close_gap = tl.where(close, c_gap, 0.0)
-            dpsi_close = psi_a * (-_expm1(-close_gap) + (gap / tl.where(close, b, 1.0)) * tl.exp(-close_gap))
-            dpsi = tl.where(close, dpsi_close, psi_a - _laplace_psi(b, c, eps))
+            close = both_live & near
+            dpsi_close = psi_a * (-em + (gap / tl.where(close, b, 1.0)) * tl.exp(-tl.where(close, c_gap, 0.0)))
+            dpsi = tl.where(close, dpsi_close, psi_a - psi_b)
         else:  # energy: phi = -d (no scale: c is unused)
             a_live = ~(a <= 0.0)
             b_live = ~(b <= 0.0)
@@ -95,43 +93,53 @@ def _pair_terms(a2, b2, delta, c, eps, KERNEL: tl.constexpr):
             psi_b = tl.where(b_live, -1.0 / tl.where(b_live, b, 1.0), 0.0)
             both_live = a_live & b_live
             dpsi = tl.where(both_live, -b_minus_a / tl.where(both_live, a * b, 1.0), psi_a - psi_b)
-    return phi_a, dphi, psi_a, dpsi
+    return phi_a, dphi, psi_a, dpsi, psi_b
 
 
 @triton.jit
-def _pair_coefficients(a2, b2, delta, self_w, cross_w, grad_w, c, eps, KERNEL: tl.constexpr):
-    """Loss contribution and gradient coefficients (P, Q) of each ordered pair of one side (mmd_math.h)."""
-    phi_a, dphi, psi_a, dpsi = _pair_terms(a2, b2, delta, c, eps, KERNEL)
+def _pair_coefficients(a2, b2, delta, e2, diagonal, self_w, cross_w, grad_w, c, eps, KERNEL: tl.constexpr):
+    """Loss contribution and gradient coefficients (own, cross, gap) of each ordered pair of one side
+    (mmd_math.h: the near-duplicate form where e_j < a / 2 off the diagonal, else the textbook form)."""
+    phi_a, dphi, psi_a, dpsi, psi_b = _pair_terms(a2, b2, delta, c, eps, KERNEL)
     loss = cross_w * dphi + (self_w - cross_w) * phi_a
-    p = grad_w * self_w * psi_a
-    q = grad_w * (cross_w * dpsi + (self_w - cross_w) * psi_a)
-    return loss, p, q
+    near = ~diagonal & (4.0 * e2 < a2)
+    far_psi_b = -grad_w * cross_w * psi_b
+    own = tl.where(near, grad_w * (cross_w * dpsi + (self_w - cross_w) * psi_a),
+                   tl.where(diagonal, 0.0, grad_w * self_w * psi_a))
+    return loss, own, tl.where(near, 0.0, far_psi_b), tl.where(near, far_psi_b, 0.0)
 
 
 @triton.jit
-def _group_coefficients(tt, rr, tr, dt, dr, bandwidth, weight, eps, features, GROUP_SIZE: tl.constexpr,
-                        GROUP_PAD: tl.constexpr, KERNEL: tl.constexpr, ESTIMATOR: tl.constexpr):
-    """A group's float64 pair sums -> its loss (weight * MMD) and (P, Q) of the y_t and the y_r side, zero
-    outside the group's M x M pairs."""
+def _group_coefficients(tt, rr, tr, dt, dr, bandwidth, weight, grad_scale, eps, features,
+                        GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, KERNEL: tl.constexpr,
+                        ESTIMATOR: tl.constexpr):
+    """A group's float64 pair sums -> its loss (weight * MMD) and the (own, cross, gap) coefficients of the y_t
+    and the y_r side (weight and grad_scale, 1/G for a mean, folded in), zero outside the group's M x M pairs."""
     i = tl.arange(0, GROUP_PAD)[:, None]
     j = tl.arange(0, GROUP_PAD)[None, :]
     in_group = (i < GROUP_SIZE) & (j < GROUP_SIZE)
+    diagonal = i == j
     # Divided as float64 tensors: the interpreter would round a quotient of Python numbers to float32.
     one = tl.full((), 1.0, tl.float64)
     cross_w = one / (GROUP_SIZE * GROUP_SIZE)
     if ESTIMATOR == "u":  # self terms without i = j, over M (M - 1)
-        self_w = tl.where(i == j, 0.0, one / (GROUP_SIZE * (GROUP_SIZE - 1)))
+        self_w = tl.where(diagonal, 0.0, one / (GROUP_SIZE * (GROUP_SIZE - 1)))
     else:
         self_w = cross_w
     c = bandwidth.to(tl.float64) / features
+    if KERNEL == "energy":
+        c = one
     weight = weight.to(tl.float64)
-    grad_w = 2.0 * weight
-    loss_t, p_t, q_t = _pair_coefficients(tt, tr, dt, self_w, cross_w, grad_w, c, eps, KERNEL)
+    grad_w = 2.0 * weight * grad_scale
+    e2 = tl.sum(tl.where(diagonal, tr, 0.0), axis=0)[None, :]  # |t_j - r_j|^2 of the partner j
+    loss_t, own_t, cross_t, gap_t = _pair_coefficients(tt, tr, dt, e2, diagonal, self_w, cross_w, grad_w, c, eps,
+                                                       KERNEL)
     # y_r side: b2 = |r_i - t_j|^2 = tr[j][i].
-    loss_r, p_r, q_r = _pair_coefficients(rr, tl.trans(tr), dr, self_w, cross_w, grad_w, c, eps, KERNEL)
+    loss_r, own_r, cross_r, gap_r = _pair_coefficients(rr, tl.trans(tr), dr, e2, diagonal, self_w, cross_w, grad_w,
+                                                       c, eps, KERNEL)
     loss = weight * tl.sum(tl.sum(tl.where(in_group, loss_t + loss_r, 0.0), axis=1), axis=0)
-    return (loss, tl.where(in_group, p_t, 0.0), tl.where(in_group, q_t, 0.0), tl.where(in_group, p_r, 0.0),
-            tl.where(in_group, q_r, 0.0))
+    return (loss, tl.where(in_group, own_t, 0.0), tl.where(in_group, cross_t, 0.0), tl.where(in_group, gap_t, 0.0),
+            tl.where(in_group, own_r, 0.0), tl.where(in_group, cross_r, 0.0), tl.where(in_group, gap_r, 0.0))
 
 
 @triton.jit
@@ -182,67 +190,142 @@ def _pair_sums(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, GROUP_SI
 
 
 @triton.jit
-def _side_gradient(own, other, p, q):
-    """grad_i = sum_j p_ij (other_j - own_j) + q_ij (own_i - other_j) for tiles of one side's rows (own) and
-    the other side's (other), from differences of the inputs themselves."""
-    own_j = own[None, :, :]
-    other_j = other[None, :, :]
-    return tl.sum(p[:, :, None] * (other_j - own_j) + q[:, :, None] * (own[:, None, :] - other_j), axis=1)
-
-
-@triton.jit
-def _write_gradients(y_t_ptr, y_r_ptr, stride_t, stride_r, grad_t_ptr, grad_r_ptr, p_t, q_t, p_r, q_r, group, start,
-                     end, features, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, WRITE_T: tl.constexpr,
-                     WRITE_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """Pass 2 over features [start, end) of one group into the contiguous (B, D) gradients asked for."""
-    for d0 in range(start, end, BLOCK_D):
-        row, feature, mask = _tile_indices(group, d0, end, GROUP_SIZE, GROUP_PAD, BLOCK_D)
-        x, y = _load_tile(y_t_ptr, y_r_ptr, stride_t, stride_r, row, feature, mask, ACC)
-        offset = row * features + feature
-        if WRITE_T:
-            tl.store(grad_t_ptr + offset, _side_gradient(x, y, p_t, q_t).to(grad_t_ptr.dtype.element_ty), mask=mask)
-        if WRITE_R:
-            tl.store(grad_r_ptr + offset, _side_gradient(y, x, p_r, q_r).to(grad_r_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _square_offsets(GROUP_PAD: tl.constexpr):
-    """Offsets of a row-major GROUP_PAD x GROUP_PAD block."""
-    return tl.arange(0, GROUP_PAD)[:, None] * GROUP_PAD + tl.arange(0, GROUP_PAD)[None, :]
-
-
-@triton.jit
-def _mmd_group_kernel(y_t_ptr, y_r_ptr, stride_t, stride_r, bandwidth_ptr, weight_ptr, eps: tl.float64, features,
-                      loss_ptr, grad_t_ptr, grad_r_ptr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
-                      KERNEL: tl.constexpr, ESTIMATOR: tl.constexpr, WRITE_T: tl.constexpr, WRITE_R: tl.constexpr,
-                      BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """All of one group (grid: G): pass 1, the finalize, and pass 2 when a gradient is asked for."""
-    group = tl.program_id(0)
-    tt, rr, tr, dt, dr = _pair_sums(y_t_ptr, y_r_ptr, stride_t, stride_r, group, 0, features, GROUP_SIZE, GROUP_PAD,
+def _pair_sums_f64(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, GROUP_SIZE: tl.constexpr,
+                   GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """Pass-1 sums as float64: in ACC, and summed again in float64 where ACC overflowed (inputs near 1e19 and
+    beyond in float32; finite inputs then give the float64 answer; NaN and inf inputs give NaN either way)."""
+    tt, rr, tr, dt, dr = _pair_sums(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, GROUP_SIZE, GROUP_PAD,
                                     BLOCK_D, ACC)
-    loss, p_t, q_t, p_r, q_r = _group_coefficients(
-        tt.to(tl.float64), rr.to(tl.float64), tr.to(tl.float64), dt.to(tl.float64), dr.to(tl.float64),
-        tl.load(bandwidth_ptr + group), tl.load(weight_ptr + group), eps, features, GROUP_SIZE, GROUP_PAD, KERNEL,
-        ESTIMATOR)
-    tl.store(loss_ptr + group, loss.to(ACC))
-    if WRITE_T or WRITE_R:
-        _write_gradients(y_t_ptr, y_r_ptr, stride_t, stride_r, grad_t_ptr, grad_r_ptr, p_t.to(ACC), q_t.to(ACC),
-                         p_r.to(ACC), q_r.to(ACC), group, 0, features, features, GROUP_SIZE, GROUP_PAD, WRITE_T,
-                         WRITE_R, BLOCK_D, ACC)
+    tt, rr, tr, dt, dr = tt.to(tl.float64), rr.to(tl.float64), tr.to(tl.float64), dt.to(tl.float64), dr.to(tl.float64)
+    if ACC != tl.float64:
+        # Any inf or NaN among the sums makes this sum of magnitudes inf or NaN (float32 values cannot reach
+        # float64's overflow by adding up).
+        size = tl.sum(tl.sum(tl.abs(tt) + tl.abs(rr) + tl.abs(tr) + tl.abs(dt) + tl.abs(dr), axis=1), axis=0)
+        if (size >= float("inf")) | (size != size):
+            tt, rr, tr, dt, dr = _pair_sums(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, GROUP_SIZE,
+                                            GROUP_PAD, BLOCK_D, tl.float64)
+    return tt, rr, tr, dt, dr
+
+
+@triton.jit
+def _square_offsets(GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr):
+    """Offsets of the row-major GROUP_SIZE x GROUP_SIZE block in a GROUP_PAD x GROUP_PAD tile, and its mask."""
+    i = tl.arange(0, GROUP_PAD)[:, None]
+    j = tl.arange(0, GROUP_PAD)[None, :]
+    return i * GROUP_SIZE + j, (i < GROUP_SIZE) & (j < GROUP_SIZE)
+
+
+@triton.jit
+def _store_coefficients(coefficients_ptr, group, own_t, cross_t, gap_t, own_r, cross_r, gap_r,
+                        GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr):
+    """coefficients[group] = [own, cross, gap of y_t; own, cross, gap of y_r], each M x M (mmd.py's layout)."""
+    square = GROUP_SIZE * GROUP_SIZE
+    offsets, mask = _square_offsets(GROUP_SIZE, GROUP_PAD)
+    out = coefficients_ptr + group.to(tl.int64) * (2 * SIDE_BLOCKS * square) + offsets
+    kind = coefficients_ptr.dtype.element_ty
+    tl.store(out, own_t.to(kind), mask=mask)
+    tl.store(out + square, cross_t.to(kind), mask=mask)
+    tl.store(out + 2 * square, gap_t.to(kind), mask=mask)
+    tl.store(out + 3 * square, own_r.to(kind), mask=mask)
+    tl.store(out + 4 * square, cross_r.to(kind), mask=mask)
+    tl.store(out + 5 * square, gap_r.to(kind), mask=mask)
+
+
+@triton.jit
+def _output_value(x, pointer):
+    """A float64 loss in the output's dtype; narrow ones through float32 (as the CPU kernels round, and
+    float64 -> bfloat16 is wrong in the interpreter)."""
+    kind = pointer.dtype.element_ty
+    if kind == tl.float64:
+        value = x
+    elif kind == tl.bfloat16:  # rounded to nearest even by hand: the interpreter truncates
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        value = tl.where(x == x, rounded, x.to(tl.float32).to(tl.bfloat16))  # NaN stays NaN
+    else:
+        value = x.to(tl.float32).to(kind)
+    return value
+
+
+@triton.jit
+def _finish_loss(loss, group, groups, out_ptr, partial_ptr, counter_ptr, REDUCTION: tl.constexpr):
+    """Writes group `group`'s loss: as is for reduction "none"; else into partial[group], and the last program to
+    get here adds all of them up in group order, writes the mean or sum, and resets the counter."""
+    if REDUCTION == "none":
+        tl.store(out_ptr + group, _output_value(loss, out_ptr))
+    else:
+        tl.store(partial_ptr + group, loss)
+        arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")  # publishes the store above to the last program
+        if arrived == groups - 1:
+            total = tl.zeros((), tl.float64)
+            for first in range(0, groups, _REDUCE_BLOCK):
+                index = first + tl.arange(0, _REDUCE_BLOCK)
+                total += tl.sum(tl.load(partial_ptr + index, mask=index < groups, other=0.0, volatile=True))
+            if REDUCTION == "mean":
+                total = total / groups
+            tl.store(out_ptr, _output_value(total, out_ptr))
+            tl.atomic_xchg(counter_ptr, 0)
+
+
+@triton.jit
+def _finalize_group(tt, rr, tr, dt, dr, group, bandwidth_ptr, bandwidth_stride, bandwidth_value, weight_ptr,
+                    weight_stride, weight_value, eps, grad_scale, groups, features, out_ptr, partial_ptr, counter_ptr,
+                    coefficients_ptr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, KERNEL: tl.constexpr,
+                    ESTIMATOR: tl.constexpr, REDUCTION: tl.constexpr, BANDWIDTH_TENSOR: tl.constexpr,
+                    WEIGHT_TENSOR: tl.constexpr, SAVE: tl.constexpr):
+    """A group's float64 pass-1 sums -> its coefficients (when saved) and its share of the loss."""
+    bandwidth = _scalar(bandwidth_ptr, bandwidth_stride, bandwidth_value, group, BANDWIDTH_TENSOR)
+    weight = _scalar(weight_ptr, weight_stride, weight_value, group, WEIGHT_TENSOR)
+    loss, own_t, cross_t, gap_t, own_r, cross_r, gap_r = _group_coefficients(
+        tt, rr, tr, dt, dr, bandwidth, weight, grad_scale, eps, features, GROUP_SIZE, GROUP_PAD, KERNEL, ESTIMATOR)
+    if SAVE:
+        _store_coefficients(coefficients_ptr, group, own_t, cross_t, gap_t, own_r, cross_r, gap_r, GROUP_SIZE,
+                            GROUP_PAD)
+    _finish_loss(loss, group, groups, out_ptr, partial_ptr, counter_ptr, REDUCTION)
+
+
+@triton.jit
+def _mmd_forward_kernel(y_t_ptr, y_r_ptr, stride_t, stride_r, bandwidth_ptr, bandwidth_stride,
+                        bandwidth_value: tl.float64, weight_ptr, weight_stride, weight_value: tl.float64,
+                        eps: tl.float64, grad_scale: tl.float64, groups, features, out_ptr, partial_ptr, counter_ptr,
+                        coefficients_ptr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, KERNEL: tl.constexpr,
+                        ESTIMATOR: tl.constexpr, REDUCTION: tl.constexpr, BANDWIDTH_TENSOR: tl.constexpr,
+                        WEIGHT_TENSOR: tl.constexpr, SAVE: tl.constexpr, BLOCK_D: tl.constexpr,
+                        ACC: tl.constexpr):
+    """All of one group's forward (grid: G): pass 1, the finalize, its share of the reduction."""
+    group = tl.program_id(0)
+    tt, rr, tr, dt, dr = _pair_sums_f64(y_t_ptr, y_r_ptr, stride_t, stride_r, group, 0, features, GROUP_SIZE,
+                                        GROUP_PAD, BLOCK_D, ACC)
+    _finalize_group(tt, rr, tr, dt, dr, group, bandwidth_ptr, bandwidth_stride, bandwidth_value, weight_ptr,
+                    weight_stride, weight_value, eps, grad_scale, groups, features, out_ptr, partial_ptr, counter_ptr,
+                    coefficients_ptr, GROUP_SIZE, GROUP_PAD, KERNEL, ESTIMATOR, REDUCTION, BANDWIDTH_TENSOR,
+                    WEIGHT_TENSOR, SAVE)
+
+
+@triton.jit
+def _scalar(pointer, stride, value, index, TENSOR: tl.constexpr):
+    """A ScalarArg (common/problems.h): pointer[index * stride] as float64, or the plain value."""
+    if TENSOR:
+        result = tl.load(pointer + index * stride).to(tl.float64)
+    else:
+        result = value
+    return result
 
 
 @triton.jit
 def _mmd_partial_sums_kernel(y_t_ptr, y_r_ptr, stride_t, stride_r, features, chunk, sums_ptr,
                              GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
                              ACC: tl.constexpr):
-    """Pass 1 of one feature chunk of one group (grid: G x chunks) into sums[group, chunk] (5 square blocks)."""
+    """Split forward, pass 1 of one feature chunk of one group (grid: G x chunks) into sums[group, chunk]
+    (5 GROUP_PAD x GROUP_PAD blocks, float64)."""
     group = tl.program_id(0)
     part = tl.program_id(1)
     start = part * chunk
-    tt, rr, tr, dt, dr = _pair_sums(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start,
-                                    tl.minimum(start + chunk, features), GROUP_SIZE, GROUP_PAD, BLOCK_D, ACC)
+    tt, rr, tr, dt, dr = _pair_sums_f64(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start,
+                                        tl.minimum(start + chunk, features), GROUP_SIZE, GROUP_PAD, BLOCK_D, ACC)
     square = GROUP_PAD * GROUP_PAD
-    out = sums_ptr + (group * tl.num_programs(1) + part) * (PAIR_SUMS * square) + _square_offsets(GROUP_PAD)
+    offsets = tl.arange(0, GROUP_PAD)[:, None] * GROUP_PAD + tl.arange(0, GROUP_PAD)[None, :]
+    out = sums_ptr + (group.to(tl.int64) * tl.num_programs(1) + part) * (PAIR_SUMS * square) + offsets
     tl.store(out, tt)
     tl.store(out + square, rr)
     tl.store(out + 2 * square, tr)
@@ -251,49 +334,80 @@ def _mmd_partial_sums_kernel(y_t_ptr, y_r_ptr, stride_t, stride_r, features, chu
 
 
 @triton.jit
-def _mmd_finalize_kernel(sums_ptr, chunks, bandwidth_ptr, weight_ptr, eps: tl.float64, features, loss_ptr,
+def _mmd_finalize_kernel(sums_ptr, chunks, bandwidth_ptr, bandwidth_stride, bandwidth_value: tl.float64,
+                         weight_ptr, weight_stride, weight_value: tl.float64, eps: tl.float64,
+                         grad_scale: tl.float64, groups, features, out_ptr, partial_ptr, counter_ptr,
                          coefficients_ptr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, KERNEL: tl.constexpr,
-                         ESTIMATOR: tl.constexpr, ACC: tl.constexpr):
-    """One group's partial sums, added in float64 -> its loss and coefficients[group] (P_t, Q_t, P_r, Q_r)."""
+                         ESTIMATOR: tl.constexpr, REDUCTION: tl.constexpr, BANDWIDTH_TENSOR: tl.constexpr,
+                         WEIGHT_TENSOR: tl.constexpr, SAVE: tl.constexpr):
+    """Split forward: one group's chunks of sums, added _CHUNK_BLOCK at a time -> its loss, coefficients and
+    share of the reduction (grid: G)."""
     group = tl.program_id(0)
     square = GROUP_PAD * GROUP_PAD
-    offsets = _square_offsets(GROUP_PAD)
+    chunk = tl.arange(0, _CHUNK_BLOCK)[:, None, None]
+    offsets = tl.arange(0, GROUP_PAD)[None, :, None] * GROUP_PAD + tl.arange(0, GROUP_PAD)[None, None, :]
+    base = sums_ptr + group.to(tl.int64) * chunks * (PAIR_SUMS * square)
     tt = tl.zeros((GROUP_PAD, GROUP_PAD), tl.float64)
     rr = tl.zeros((GROUP_PAD, GROUP_PAD), tl.float64)
     tr = tl.zeros((GROUP_PAD, GROUP_PAD), tl.float64)
     dt = tl.zeros((GROUP_PAD, GROUP_PAD), tl.float64)
     dr = tl.zeros((GROUP_PAD, GROUP_PAD), tl.float64)
-    for part in range(chunks):
-        sums = sums_ptr + (group * chunks + part) * (PAIR_SUMS * square) + offsets
-        tt += tl.load(sums).to(tl.float64)
-        rr += tl.load(sums + square).to(tl.float64)
-        tr += tl.load(sums + 2 * square).to(tl.float64)
-        dt += tl.load(sums + 3 * square).to(tl.float64)
-        dr += tl.load(sums + 4 * square).to(tl.float64)
-    loss, p_t, q_t, p_r, q_r = _group_coefficients(tt, rr, tr, dt, dr, tl.load(bandwidth_ptr + group),
-                                                   tl.load(weight_ptr + group), eps, features, GROUP_SIZE,
-                                                   GROUP_PAD, KERNEL, ESTIMATOR)
-    tl.store(loss_ptr + group, loss.to(ACC))
-    out = coefficients_ptr + group * (COEFFICIENT_BLOCKS * square) + offsets
-    tl.store(out, p_t.to(ACC))
-    tl.store(out + square, q_t.to(ACC))
-    tl.store(out + 2 * square, p_r.to(ACC))
-    tl.store(out + 3 * square, q_r.to(ACC))
+    for first in range(0, chunks, _CHUNK_BLOCK):
+        index = first + chunk
+        sums = base + index * (PAIR_SUMS * square) + offsets
+        mask = index < chunks
+        tt += tl.sum(tl.load(sums, mask=mask, other=0.0), axis=0)
+        rr += tl.sum(tl.load(sums + square, mask=mask, other=0.0), axis=0)
+        tr += tl.sum(tl.load(sums + 2 * square, mask=mask, other=0.0), axis=0)
+        dt += tl.sum(tl.load(sums + 3 * square, mask=mask, other=0.0), axis=0)
+        dr += tl.sum(tl.load(sums + 4 * square, mask=mask, other=0.0), axis=0)
+    _finalize_group(tt, rr, tr, dt, dr, group, bandwidth_ptr, bandwidth_stride, bandwidth_value, weight_ptr,
+                    weight_stride, weight_value, eps, grad_scale, groups, features, out_ptr, partial_ptr, counter_ptr,
+                    coefficients_ptr, GROUP_SIZE, GROUP_PAD, KERNEL, ESTIMATOR, REDUCTION, BANDWIDTH_TENSOR,
+                    WEIGHT_TENSOR, SAVE)
 
 
 @triton.jit
-def _mmd_gradient_kernel(y_t_ptr, y_r_ptr, stride_t, stride_r, features, chunk, coefficients_ptr, grad_t_ptr,
-                         grad_r_ptr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, WRITE_T: tl.constexpr,
-                         WRITE_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """Pass 2 of one feature chunk of one group (grid: G x chunks)."""
+def _side_gradient(own, other, c_own, c_cross, c_gap):
+    """grad_i = sum_j c_own_ij (own_i - own_j) + c_cross_ij (own_i - other_j) + c_gap_ij (own_j - other_j) for tiles
+    of one side's rows (own) and the other side's (other), from differences of the inputs themselves."""
+    own_i = own[:, None, :]
+    own_j = own[None, :, :]
+    other_j = other[None, :, :]
+    terms = (c_own[:, :, None] * (own_i - own_j) + c_cross[:, :, None] * (own_i - other_j)
+             + c_gap[:, :, None] * (own_j - other_j))
+    return tl.sum(terms, axis=1)
+
+
+@triton.jit
+def _mmd_backward_kernel(y_t_ptr, y_r_ptr, stride_t, stride_r, features, chunk, coefficients_ptr, grad_output_ptr,
+                         grad_output_stride, grad_t_ptr, grad_r_ptr, GROUP_SIZE: tl.constexpr,
+                         GROUP_PAD: tl.constexpr, WRITE_T: tl.constexpr, WRITE_R: tl.constexpr,
+                         BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """The gradients of one feature chunk of one group (grid: G x chunks), scaled by the output's gradient."""
     group = tl.program_id(0)
     start = tl.program_id(1) * chunk
-    square = GROUP_PAD * GROUP_PAD
-    coefficients = coefficients_ptr + group * (COEFFICIENT_BLOCKS * square) + _square_offsets(GROUP_PAD)
-    _write_gradients(y_t_ptr, y_r_ptr, stride_t, stride_r, grad_t_ptr, grad_r_ptr, tl.load(coefficients),
-                     tl.load(coefficients + square), tl.load(coefficients + 2 * square),
-                     tl.load(coefficients + 3 * square), group, start, tl.minimum(start + chunk, features), features,
-                     GROUP_SIZE, GROUP_PAD, WRITE_T, WRITE_R, BLOCK_D, ACC)
+    end = tl.minimum(start + chunk, features)
+    scale = tl.load(grad_output_ptr + group * grad_output_stride).to(ACC)
+    square = GROUP_SIZE * GROUP_SIZE
+    offsets, mask = _square_offsets(GROUP_SIZE, GROUP_PAD)
+    blocks = coefficients_ptr + group.to(tl.int64) * (2 * SIDE_BLOCKS * square) + offsets
+    own_t = scale * tl.load(blocks, mask=mask, other=0.0).to(ACC)
+    cross_t = scale * tl.load(blocks + square, mask=mask, other=0.0).to(ACC)
+    gap_t = scale * tl.load(blocks + 2 * square, mask=mask, other=0.0).to(ACC)
+    own_r = scale * tl.load(blocks + 3 * square, mask=mask, other=0.0).to(ACC)
+    cross_r = scale * tl.load(blocks + 4 * square, mask=mask, other=0.0).to(ACC)
+    gap_r = scale * tl.load(blocks + 5 * square, mask=mask, other=0.0).to(ACC)
+    for d0 in range(start, end, BLOCK_D):
+        row, feature, tile_mask = _tile_indices(group, d0, end, GROUP_SIZE, GROUP_PAD, BLOCK_D)
+        x, y = _load_tile(y_t_ptr, y_r_ptr, stride_t, stride_r, row, feature, tile_mask, ACC)
+        offset = row * features + feature
+        if WRITE_T:
+            grad = _side_gradient(x, y, own_t, cross_t, gap_t)
+            tl.store(grad_t_ptr + offset, grad.to(grad_t_ptr.dtype.element_ty), mask=tile_mask)
+        if WRITE_R:
+            grad = _side_gradient(y, x, own_r, cross_r, gap_r)
+            tl.store(grad_r_ptr + offset, grad.to(grad_r_ptr.dtype.element_ty), mask=tile_mask)
 
 
 def block_features(group_pad: int, features: int, acc: torch.dtype, device: torch.device) -> int:
@@ -313,30 +427,70 @@ def feature_chunk(groups: int, features: int, block_d: int) -> int:
     return min(features, triton.cdiv(wanted, block_d) * block_d)
 
 
-@_dispatch.register("mmd", "triton")
-def mmd_fused(y_t, y_r, bandwidth, weight, group_size, kernel, estimator, eps, grad_t, grad_r):
-    loss, out_t, out_r = mmd_outputs(y_t, group_size, grad_t, grad_r)
-    groups, features = loss.shape[0], y_t.shape[1]
-    acc = loss.dtype
+_COUNTERS: dict = {}
+
+
+def _counter(device: torch.device) -> torch.Tensor:
+    """The arrival counter of a device's reductions: zero between launches (the last program resets it), one per
+    device and stream (launches on one stream never overlap)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
+
+
+def _layout(y_t, y_r, group_size):
+    """Rows (B, D) with packed features, their strides, and the launch shapes."""
+    from .._native import rows
+
+    (t, stride_t, features), (r, stride_r, _) = rows(y_t), rows(y_r)
+    groups = y_t.shape[0] // group_size
+    acc = _validate.accumulation_dtype(y_t.dtype)
     group_pad = triton.next_power_of_2(group_size)
     block_d = block_features(group_pad, features, acc, y_t.device)
     chunk = feature_chunk(groups, features, block_d)
-    chunks = triton.cdiv(features, chunk)
     shape = dict(GROUP_SIZE=group_size, GROUP_PAD=group_pad, ACC=tl.float64 if acc == torch.float64 else tl.float32)
-    rows = (y_t, y_r, y_t.stride(0), y_r.stride(0))
+    return (t, r, stride_t, stride_r), groups, features, block_d, chunk, shape
+
+
+@_dispatch.register("mmd_forward", "triton")
+def mmd_forward(y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, group_size, kernel, estimator, eps,
+                reduction, grad_t, grad_r, backend):
+    if y_t.device.type == "cpu":  # under the interpreter: the native CPU backend's value check
+        _validate.positive_values("bandwidth", bandwidth, "group")
+    out, coefficients = forward_outputs(y_t, group_size, reduction, grad_t, grad_r, backend)
+    rows, groups, features, block_d, chunk, shape = _layout(y_t, y_r, group_size)
+    chunks = triton.cdiv(features, chunk)
+    reduced = reduction != "none"
+    partial = torch.empty(groups if reduced else 0, dtype=torch.float64, device=y_t.device)
+    counter = _counter(y_t.device) if reduced else partial
+    scalars = (bandwidth if bandwidth is not None else out, 0 if bandwidth is None or not bandwidth.ndim
+               else bandwidth.stride(0), bandwidth_value, weight if weight is not None else out,
+               0 if weight is None or not weight.ndim else weight.stride(0), weight_value, eps,
+               1.0 / groups if reduction == "mean" else 1.0)
+    finish = (groups, features, out, partial, counter, coefficients if coefficients is not None else out)
+    flags = dict(KERNEL=kernel, ESTIMATOR=estimator, REDUCTION=reduction, BANDWIDTH_TENSOR=bandwidth is not None,
+                 WEIGHT_TENSOR=weight is not None, SAVE=coefficients is not None, **shape)
     with torch.cuda.device_of(y_t):  # Triton launches on the current device
         if chunks == 1:
-            _mmd_group_kernel[(groups,)](*rows, bandwidth, weight, eps, features, loss, out_t, out_r, KERNEL=kernel,
-                                         ESTIMATOR=estimator, WRITE_T=grad_t, WRITE_R=grad_r, BLOCK_D=block_d,
-                                         **shape)
-            return loss, out_t, out_r
-        square = group_pad * group_pad
-        sums = torch.empty((groups, chunks, PAIR_SUMS.value, square), dtype=acc, device=y_t.device)
-        coefficients = torch.empty((groups, COEFFICIENT_BLOCKS.value, square), dtype=acc, device=y_t.device)
-        _mmd_partial_sums_kernel[(groups, chunks)](*rows, features, chunk, sums, BLOCK_D=block_d, **shape)
-        _mmd_finalize_kernel[(groups,)](sums, chunks, bandwidth, weight, eps, features, loss, coefficients,
-                                        KERNEL=kernel, ESTIMATOR=estimator, **shape)
-        if grad_t or grad_r:
-            _mmd_gradient_kernel[(groups, chunks)](*rows, features, chunk, coefficients, out_t, out_r,
-                                                   WRITE_T=grad_t, WRITE_R=grad_r, BLOCK_D=block_d, **shape)
-    return loss, out_t, out_r
+            _mmd_forward_kernel[(groups,)](*rows, *scalars, *finish, BLOCK_D=block_d, **flags)
+        else:
+            square = shape["GROUP_PAD"] ** 2
+            sums = torch.empty((groups, chunks, PAIR_SUMS.value, square), dtype=torch.float64, device=y_t.device)
+            _mmd_partial_sums_kernel[(groups, chunks)](*rows, features, chunk, sums, BLOCK_D=block_d, **shape)
+            flags.pop("ACC")
+            _mmd_finalize_kernel[(groups,)](sums, chunks, *scalars, *finish, **flags)
+    return out, coefficients
+
+
+@_dispatch.register("mmd_backward", "triton")
+def mmd_backward(grad_output, y_t, y_r, saved, group_size, grad_t, grad_r, backend):
+    out_t, out_r = backward_outputs(y_t, grad_t, grad_r)
+    rows, groups, features, block_d, chunk, shape = _layout(y_t, y_r, group_size)
+    grads = (out_t if out_t is not None else saved, out_r if out_r is not None else saved)
+    with torch.cuda.device_of(y_t):
+        _mmd_backward_kernel[(groups, triton.cdiv(features, chunk))](
+            *rows, features, chunk, saved, grad_output, grad_output.stride(0) if grad_output.ndim else 0, *grads,
+            WRITE_T=grad_t, WRITE_R=grad_r, BLOCK_D=block_d, **shape)
+    return out_t, out_r
