@@ -11,7 +11,8 @@ import torch
 import imm_kernels
 from imm_kernels import reference
 
-from .harness import DEVICES, SMOKE, input_sets, native_providers, peak_extra_bytes, record, sync, time_ms
+from .harness import (DEVICES, SMOKE, graph_replay_ms, input_sets, native_providers, peak_extra_bytes, record,
+                      require_backend, sync, time_ms)
 
 SHAPES = {  # (B, features)
     "cuda": [(4096, 4096), (4096, 3072), (64, 196608)],
@@ -56,6 +57,8 @@ CASES = [pytest.param(d, s, p, id=f"{d}-{'x'.join(map(str, s))}-{p}") for d in D
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
 @pytest.mark.parametrize("op", list(OPS))
 def test_interpolant(benchmark, op, device, shape, provider, dtype, mode):
+    if provider.startswith("imm_"):
+        require_backend(provider, device)
     rows, features = shape
     fn = provider_fn(op, provider)
     backward = mode == "forward_backward"
@@ -93,10 +96,11 @@ def test_interpolant(benchmark, op, device, shape, provider, dtype, mode):
         if error > tolerance:
             pytest.fail(f"{provider} is wrong: relative error {error:.3g} > {tolerance}")
     median = time_ms(run, sets, device)
+    graph = graph_replay_ms(run, sets, device)
     peak = peak_extra_bytes(lambda: run(sets[0]), device)
     benchmark.pedantic(lambda: (run(sets[0]), sync(device)), rounds=1 if SMOKE else 3, iterations=1)
     tensor = rows * features * element
     outputs = OPS[op][1]
     moved = (2 + outputs) * tensor + ((outputs + 2) * tensor if backward else 0)
     record(benchmark, device=device, provider=provider, op=op, mode=mode, shape=shape, dtype=dtype,
-           median_ms=median, min_bytes=moved, peak_bytes=peak, input_bytes=2 * tensor)
+           median_ms=median, min_bytes=moved, peak_bytes=peak, input_bytes=2 * tensor, graph=graph)

@@ -12,7 +12,8 @@ import torch
 import imm_kernels
 from imm_kernels import reference
 
-from .harness import DEVICES, SMOKE, input_sets, native_providers, peak_extra_bytes, record, sync, time_ms
+from .harness import (DEVICES, SMOKE, graph_replay_ms, input_sets, native_providers, peak_extra_bytes, record,
+                      require_backend, sync, time_ms)
 
 SHAPES = {  # (G, M, D)
     "cuda": [(1024, 4, 4096), (512, 8, 3072), (64, 16, 16384), (8, 8, 196608)],
@@ -97,6 +98,8 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_mmd(benchmark, device, shape, provider, dtype, mode):
     if provider == "torch_sum" and mode != "forward":
         pytest.skip("the read-bandwidth yardstick is forward only")
+    if provider.startswith("imm_"):
+        require_backend(provider, device)
     g, m, d = shape
     fn = provider_fn(provider)
     backward = mode == "forward_backward"
@@ -131,9 +134,11 @@ def test_mmd(benchmark, device, shape, provider, dtype, mode):
             message = f"{provider} is wrong: relative errors {[f'{e:.2g}' for e in errors]} > {tolerance}"
             pytest.fail(message) if ours else pytest.skip(message)
     median = time_ms(run, sets, device)
+    graph = graph_replay_ms(run, sets, device)
     peak = peak_extra_bytes(lambda: run(sets[0]), device)
     benchmark.pedantic(lambda: (run(sets[0]), sync(device)), rounds=1 if SMOKE else 3, iterations=1)
-    input_bytes = 2 * g * m * d * element
+    tensor = g * m * d * element
+    # Minimum bytes: forward reads y_t and y_r; backward reads both again and writes grad y_t (5 units in all).
     record(benchmark, device=device, provider=provider, op="mmd_loss", mode=mode, shape=shape, dtype=dtype,
-           median_ms=median, min_bytes=input_bytes + (g * m * d * element if backward else 0), peak_bytes=peak,
-           input_bytes=input_bytes)
+           median_ms=median, min_bytes=(5 if backward else 2) * tensor, peak_bytes=peak, input_bytes=2 * tensor,
+           graph=graph)

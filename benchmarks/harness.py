@@ -1,5 +1,6 @@
 """What every benchmark shares: devices and sizes, honest timing (warm-up, medians, CUDA events, inputs
-rotated out of L2), peak extra memory, the copy-bandwidth ceiling measured in the same run, and the
+rotated out of L2; on GPUs each call timed eagerly and as a CUDA-graph replay, so kernel time and host time
+are both visible), peak extra memory, the copy-bandwidth ceiling measured in the same run, and the
 extra_info each result carries into pytest-benchmark's JSON."""
 
 from __future__ import annotations
@@ -20,12 +21,24 @@ SMOKE = os.environ.get("IMM_BENCH_SIZE", "full") == "smoke"
 
 
 def native_providers(device: str) -> list[str]:
-    """The imm_kernels backends timed on `device`, as providers "imm_<backend>" (Triton only on GPUs: the
-    interpreter on CPU tensors is a correctness tool, not a measurement)."""
+    """The imm_kernels backends timed on `device`, as providers "imm_<backend>": the C++ backend on CPUs, the
+    CUDA and Triton backends on GPUs (the Triton interpreter on CPU tensors is a correctness tool, not a
+    measurement). Listed whether or not they can run here: one that cannot fails its cases with the reason
+    (e.g. the extension is not built, or not importable from this source tree), it is never left out."""
+    return ["imm_cpu"] if device == "cpu" else ["imm_cuda", "imm_triton"]
+
+
+def require_backend(provider: str, device: str) -> None:
+    """Fails the case loudly, with what is missing and how to get it, when an imm_kernels provider cannot run."""
+    import pytest
+
     import imm_kernels
 
-    return [f"imm_{b}" for b in imm_kernels.available_backends(device)
-            if b != "reference" and (b != "triton" or device == "cuda")]
+    backend = provider.removeprefix("imm_")
+    if backend not in imm_kernels.available_backends(device):
+        from imm_kernels import _dispatch
+
+        pytest.fail(f"{provider} cannot run on {device}: {_dispatch.unavailable_reason(backend, torch.device(device))}")
 
 
 def sync(device: str) -> None:
@@ -60,6 +73,60 @@ def time_ms(run, inputs: list, device: str, *, repeats: int | None = None) -> fl
             run(inputs[k % len(inputs)])
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def graph_replay_ms(run, inputs: list, device: str, *, repeats: int | None = None) -> tuple[float | None, str]:
+    """(median milliseconds of a CUDA-graph replay of run(inputs[k]) over the input sets, ""), the GPU time
+    without the host's; (None, why) where there is no GPU or the call cannot be captured."""
+    if device != "cuda":
+        return None, "no GPU"
+    repeats = repeats or (1 if SMOKE else 30)
+    graphs = []
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as capture wants
+            for inputs_k in inputs:
+                run(inputs_k)
+        torch.cuda.current_stream().wait_stream(side)
+        for inputs_k in inputs:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run(inputs_k)
+            graphs.append(graph)
+    except Exception as error:  # noqa: BLE001  (a provider that cannot be captured is reported, not fatal)
+        torch.cuda.synchronize()
+        return None, f"{type(error).__name__}: {error}"[:300]
+    times = []
+    for k in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graphs[k % len(graphs)].replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), ""
+
+
+def per_call_us(calls: dict, device: str, *, rounds: int | None = None) -> dict:
+    """Median microseconds per call of each fn in `calls` ({name: fn}), timed in interleaved rounds of many
+    calls (so the machine's state is shared by all sides of a ratio); on GPUs synchronized at each round's end,
+    so it is the host's cost per call where the kernels are tiny."""
+    rounds = rounds or (2 if SMOKE else 15)
+    count = 20 if SMOKE else 1000
+    for fn in calls.values():  # warm-up
+        for _ in range(count // 4):
+            fn()
+    sync(device)
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            for _ in range(count):
+                fn()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) / count * 1e6)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _rss_bytes(field: str) -> int:
@@ -109,12 +176,16 @@ def input_sets(make, device: str, bytes_per_set: int) -> list:
 
 
 def record(benchmark, *, device: str, provider: str, op: str, mode: str, shape: tuple, dtype: torch.dtype,
-           median_ms: float, min_bytes: int, peak_bytes: int | None, input_bytes: int) -> None:
-    """Puts one result's derived numbers into pytest-benchmark's extra_info (the report reads them)."""
+           median_ms: float, min_bytes: int, peak_bytes: int | None, input_bytes: int,
+           graph: tuple[float | None, str] = (None, "no GPU")) -> None:
+    """Puts one result's derived numbers into pytest-benchmark's extra_info (the report reads them). The share of
+    the copy bandwidth is from the graph replay where there is one (GPU time), else from the eager time."""
     ceiling = copy_bandwidth(device)
-    achieved = min_bytes / (median_ms / 1e3)
+    graph_ms, graph_error = graph
+    achieved = min_bytes / ((graph_ms or median_ms) / 1e3)
     benchmark.extra_info.update(
         op=op, mode=mode, device=device, provider=provider, shape=list(shape), dtype=str(dtype).replace("torch.", ""),
-        machine=machine(device), threads=torch.get_num_threads(), median_ms=median_ms, min_bytes=min_bytes,
-        achieved_gbps=achieved / 1e9, copy_gbps=ceiling / 1e9, roofline_pct=100 * achieved / ceiling,
-        peak_extra_bytes=peak_bytes, peak_over_inputs=None if peak_bytes is None else peak_bytes / input_bytes)
+        machine=machine(device), threads=torch.get_num_threads(), median_ms=median_ms, graph_ms=graph_ms,
+        graph_error=graph_error, min_bytes=min_bytes, achieved_gbps=achieved / 1e9, copy_gbps=ceiling / 1e9,
+        roofline_pct=100 * achieved / ceiling, peak_extra_bytes=peak_bytes,
+        peak_over_inputs=None if peak_bytes is None else peak_bytes / input_bytes)

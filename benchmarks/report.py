@@ -1,10 +1,11 @@
 """Markdown tables and a plot from pytest-benchmark JSON files written by `pytest benchmarks/
 --benchmark-json RUN.json`:  python -m benchmarks.report RUN.json [MORE.json ...] [--plot RUN.png]
 
-Per op, mode, device and dtype: one row per shape, the median time of each provider, and for the
-imm_kernels providers the speedup over the eager reference and over torch.compile of it (same run), the
-achieved bandwidth as a share of the device copy bandwidth measured in that run, and peak extra memory
-over the input bytes."""
+Per op, mode, device and dtype: one row per shape, the median time of each provider (on GPUs also of a CUDA-graph
+replay: GPU time without the host's), and for the imm_kernels providers the speedup over the eager reference and
+over torch.compile of it (same run), the achieved bandwidth as a share of the device copy bandwidth measured in
+that run (from the graph replay where there is one), and peak extra memory over the input bytes. Then the
+per-call costs at tiny shapes (benchmarks/bench_overhead.py): each op against its plain PyTorch formula."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ import json
 from collections import defaultdict
 
 
-def load(path: str) -> tuple[list[dict], dict]:
+def load(path: str) -> tuple[list[dict], list[dict], dict]:
+    """(timed results, per-call results, machine info) of one pytest-benchmark JSON."""
     with open(path) as f:
         run = json.load(f)
-    results = [b["extra_info"] for b in run["benchmarks"] if "median_ms" in b.get("extra_info", {})]
-    return results, run.get("machine_info", {})
+    infos = [b.get("extra_info", {}) for b in run["benchmarks"]]
+    return ([i for i in infos if "median_ms" in i], [i for i in infos if i.get("kind") == "per_call"],
+            run.get("machine_info", {}))
 
 
 def shape_label(shape) -> str:
@@ -37,7 +40,8 @@ def tables(results: list[dict]) -> str:
             by_shape[shape_label(r["shape"])][r["provider"]] = r
         first = rows[0]
         out.append(f"\n#### {op}, {mode.replace('_', '+')}, {device}, {dtype} ({first['machine']})\n")
-        header = ["shape"] + [f"{p} ms" for p in providers]
+        graphs = [p for p in providers if any(r["provider"] == p and r.get("graph_ms") for r in rows)]
+        header = ["shape"] + [f"{p} ms" for p in providers] + [f"{p} graph ms" for p in graphs]
         for p in ours:
             header += [f"{p} vs eager", f"{p} vs compiled", f"{p} % of copy BW", f"{p} peak / inputs"]
         if "torch_sum" in providers:  # the read-bandwidth yardstick: time over a plain sum of the same bytes
@@ -46,6 +50,7 @@ def tables(results: list[dict]) -> str:
         out.append("|" + "---|" * len(header))
         for shape, cells in by_shape.items():
             row = [shape] + [f"{cells[p]['median_ms']:.3g}" if p in cells else "-" for p in providers]
+            row += [f"{cells[p]['graph_ms']:.3g}" if p in cells and cells[p].get("graph_ms") else "-" for p in graphs]
             for p in ours:
                 mine = cells.get(p)
                 if mine is None:
@@ -62,6 +67,28 @@ def tables(results: list[dict]) -> str:
             out.append("| " + " | ".join(row) + " |")
         copy = first["copy_gbps"]
         out.append(f"\ncopy bandwidth measured in this run: {copy:.1f} GB/s; threads: {first['threads']}")
+    return "\n".join(out)
+
+
+def per_call_tables(results: list[dict]) -> str:
+    """Per device and mode: microseconds per call of each op and provider, and ours over each baseline."""
+    out = []
+    groups = defaultdict(list)
+    for r in results:
+        groups[(r["device"], r["mode"])].append(r)
+    for (device, mode), rows in sorted(groups.items()):
+        out.append(f"\n#### per-call cost, {mode.replace('_', ' ')}, {device} ({rows[0]['machine']})\n")
+        out.append("| op, shape | provider | us per call | graph replay us | ours / it |")
+        out.append("|---|---|---|---|---|")
+        for r in rows:
+            times, graphs = r["per_call_us"], r.get("graph_us", {})
+            ours = next(p for p in times if p.startswith("imm_"))
+            for provider, us in times.items():
+                graph = graphs.get(provider)
+                ratio = "-" if provider.startswith("imm_") else f"{times[ours] / us:.2f}"
+                out.append(f"| {r['op']} {'x'.join(map(str, r['shape']))} | {provider} | {us:.1f} | "
+                           f"{'-' if graph is None else f'{graph:.1f}'} | {ratio} |")
+        out.append(f"\nthreads: {rows[0]['threads']}; ours / it: the first imm_kernels provider's time over the row's")
     return "\n".join(out)
 
 
@@ -102,15 +129,18 @@ def main(argv=None) -> None:
                         help="pytest-benchmark JSON (pytest benchmarks/ --benchmark-json RUN.json); several merge")
     parser.add_argument("--plot", help="write a PNG of time and memory per shape and provider here")
     args = parser.parse_args(argv)
-    results, machine = [], {}
+    results, per_call, machine = [], [], {}
     for path in args.runs:
-        found, machine = load(path)
+        found, found_per_call, machine = load(path)
         results += found
-    if not results:
+        per_call += found_per_call
+    if not results and not per_call:
         raise SystemExit(f"{', '.join(args.runs)}: no imm_kernels benchmark results in them")
     print(f"machine: {machine.get('cpu', {}).get('brand_raw', machine.get('machine', '?'))}")
     print(tables(results))
-    if args.plot:
+    if per_call:
+        print(per_call_tables(per_call))
+    if args.plot and results:
         plot(results, args.plot)
         print(f"\nplot: {args.plot}")
 

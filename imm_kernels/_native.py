@@ -52,11 +52,11 @@ def ptr(x: torch.Tensor | None) -> int:
 
 
 def scalar_arg(tensor: torch.Tensor | None, value: float) -> tuple:
-    """(pointer, stride, is_double, value) of a ScalarArg (common/problems.h): a 0-d or 1-d float32/float64 tensor
-    (stride 0 for one value), or else the plain value."""
+    """(pointer, stride, is_double, value) of a ScalarArg (common/problems.h): a float32/float64 tensor of one
+    value (stride 0) or one per index, or else the plain value."""
     if tensor is None:
         return 0, 0, False, value
-    return tensor.data_ptr(), tensor.stride(0) if tensor.dim() else 0, tensor.dtype == torch.float64, 0.0
+    return tensor.data_ptr(), tensor.stride()[0] if tensor.numel() > 1 else 0, tensor.dtype == torch.float64, 0.0
 
 
 def _feature_stride(x: torch.Tensor) -> tuple[int, int] | None:
@@ -76,7 +76,8 @@ def rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """(tensor, row stride, features) of x seen as (B, D) rows with packed features: x itself when they are
     (any row stride, also 0 or overlapping rows), else a packed copy."""
     if x.is_contiguous():
-        return x, x.stride()[0], x.numel() // len(x)
+        features = x.numel() // x.shape[0]
+        return x, features, features
     layout = _feature_stride(x)
     if layout is None or (layout[0] != 1 and layout[1] != 1):
         x = x.reshape(x.shape[0], -1).contiguous()
@@ -88,7 +89,8 @@ def operand(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     """(tensor, row stride, feature stride, features) of x seen as (B, F): any single feature stride (0 for an
     expanded gradient such as that of a sum), else a packed copy."""
     if x.is_contiguous():
-        return x, x.stride()[0], 1, x.numel() // len(x)
+        features = x.numel() // x.shape[0]
+        return x, features, 1, features
     layout = _feature_stride(x)
     if layout is None:
         x = x.reshape(x.shape[0], -1).contiguous()
@@ -102,7 +104,7 @@ POISON = os.environ.get("IMM_KERNELS_POISON") == "1"
 
 def new_output(like: torch.Tensor, shape, dtype: torch.dtype | None = None) -> torch.Tensor:
     """An uninitialized output on like's device, in like's dtype unless given (NaN-filled under POISON)."""
-    out = like.new_empty(shape, dtype=dtype or like.dtype)
+    out = like.new_empty(shape) if dtype is None else like.new_empty(shape, dtype=dtype)
     if POISON and not isinstance(out, torch._subclasses.FakeTensor):
         out.fill_(float("nan"))
     return out

@@ -32,14 +32,13 @@ def positive_int(name: str, value, minimum: int = 1) -> None:
 
 
 def real(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
-    """A finite Python number as a float. A symbolic one (torch.compile with dynamic shapes) passes as it is:
-    its value is checked where it is used, inside the op."""
-    if isinstance(value, _SYMBOLIC):
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A finite Python number as a float; a symbolic one (torch.compile with dynamic shapes) as it is. The tests
+    are comparisons, which torch.compile turns into guards on a symbolic number (math.isfinite has no such form)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, *_SYMBOLIC)):
         raise TypeError(f"{name} must be a float; got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
+    if not isinstance(value, _SYMBOLIC):
+        value = float(value)
+    if not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be finite; got {value}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0; got {value}")
@@ -92,6 +91,18 @@ def scalar_operand(name: str, value, count: int, what: str, device: torch.device
             value = value.float()
         return value.detach(), 0.0
     return None, real(name, value, positive=positive)
+
+
+_NATIVE_SCALAR_SET = frozenset(_NATIVE_SCALAR_DTYPES)
+
+
+def native_scalar(name: str, tensor: torch.Tensor | None, count: int, like: torch.Tensor) -> None:
+    """Inside the ops (they are public through torch.ops too): a scalar operand the kernels will read must be
+    float32/float64 with one value or `count` of them, on like's device, or they would read out of bounds."""
+    if tensor is not None and not (tensor.dtype in _NATIVE_SCALAR_SET and tensor.device == like.device and (
+            tensor.numel() == 1 and tensor.ndim <= 1 or tensor.shape == (count,))):
+        raise ValueError(f"{name} must be a float32 or float64 tensor on {like.device} of shape (), (1,) or "
+                         f"({count},); got {tensor.dtype} of shape {tuple(tensor.shape)} on {tensor.device}")
 
 
 def positive_values(name: str, tensor: torch.Tensor | None, what: str) -> None:

@@ -54,6 +54,8 @@ _dispatch.register_custom_op("combine", torch.ops.imm_kernels.combine)
 @_dispatch.register("combine", "cpu")
 def _native_combine(src0, src1, time0, time0_value, time1, time1_value, kind, outputs, transpose, write0, write1,
                     schedule, param, sigma_data, backend):
+    _validate.native_scalar("time0", time0, src0.shape[0], src0)
+    _validate.native_scalar("time1", time1, src0.shape[0], src0)
     dst0, dst1 = combine_outputs(src0, write0, write1)
     s0, row0, step0, features = _native.operand(src0)
     s1, row1, step1, _ = _native.operand(src1) if src1 is not None else (None, 0, 0, 0)
@@ -70,6 +72,8 @@ def _native_combine(src0, src1, time0, time0_value, time1, time1_value, kind, ou
 def _verified_cuda_combine(src0, src1, time0, time0_value, time1, time1_value, kind, outputs, transpose, write0,
                            write1, schedule, param, sigma_data, backend):
     """The GPU-verified kernel (csrc/cuda/verified.h): packed sources and times in the accumulation dtype."""
+    _validate.native_scalar("time0", time0, src0.shape[0], src0)
+    _validate.native_scalar("time1", time1, src0.shape[0], src0)
     dst0, dst1 = combine_outputs(src0, write0, write1)
     rows, acc, device = src0.shape[0], _validate.accumulation_dtype(src0.dtype), src0.device
 

@@ -93,11 +93,14 @@ _dispatch.register_custom_op("mmd_backward", torch.ops.imm_kernels.mmd_backward)
 @_dispatch.register("mmd_forward", "cpu")
 def _native_forward(y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, group_size, kernel, estimator, eps,
                     reduction, grad_t, grad_r, backend):
+    groups = y_t.shape[0] // group_size
+    _validate.native_scalar("bandwidth", bandwidth, groups, y_t)
+    _validate.native_scalar("weight", weight, groups, y_t)
     out, coefficients = forward_outputs(y_t, group_size, reduction, grad_t, grad_r, backend)
     t, stride_t, features = _native.rows(y_t)
     r, stride_r, _ = _native.rows(y_r)
     _native.LOADED[backend].mmd_forward(
-        t.data_ptr(), r.data_ptr(), stride_t, stride_r, y_t.shape[0] // group_size, group_size, features,
+        t.data_ptr(), r.data_ptr(), stride_t, stride_r, groups, group_size, features,
         _native.DTYPE_CODES[y_t.dtype], _native.KERNEL_CODES[kernel], _native.ESTIMATOR_CODES[estimator],
         _native.REDUCTION_CODES[reduction], eps, *_native.scalar_arg(bandwidth, bandwidth_value),
         *_native.scalar_arg(weight, weight_value), out.data_ptr(), _native.ptr(coefficients),
@@ -122,8 +125,10 @@ def _verified_cuda_forward(y_t, y_r, bandwidth, bandwidth_value, weight, weight_
                            estimator, eps, reduction, grad_t, grad_r, backend):
     """The GPU-verified kernels (csrc/cuda/verified.h): per-group losses and the gradients of their weighted sum
     in one launch; the conversions, the reduction and (in backward) the scale are torch ops around it."""
-    out, saved = forward_outputs(y_t, group_size, reduction, grad_t, grad_r, backend)
     groups, device = y_t.shape[0] // group_size, y_t.device
+    _validate.native_scalar("bandwidth", bandwidth, groups, y_t)
+    _validate.native_scalar("weight", weight, groups, y_t)
+    out, saved = forward_outputs(y_t, group_size, reduction, grad_t, grad_r, backend)
     acc = _validate.accumulation_dtype(y_t.dtype)
 
     def per_group(tensor, value):

@@ -31,12 +31,13 @@ BACKEND_CASES = [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in nat
 RTOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / ||expected|| in float64; NaN anywhere gives inf."""
+def rel_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:
+    """||actual - expected|| / max(||expected||, floor) in float64 (1 in place of a zero denominator); NaN or
+    inf anywhere in actual gives inf."""
     actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
     if not torch.isfinite(actual).all():
         return float("inf")
-    scale = expected.norm().item()
+    scale = max(expected.norm().item(), floor)
     return (actual - expected).norm().item() / (scale if scale > 0 else 1.0)
 
 

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from .. import _dispatch, _native, _validate
 from ..interpolant import combine_outputs
+from .mmd import scalar_operand
 
 _HALF_PI = tl.constexpr(math.pi / 2)
 _MAX_BLOCK_F = 2048  # features per program: 16 a thread at 4 warps, loaded as 16-byte vectors
@@ -154,6 +155,8 @@ def block_features(features: int) -> int:
 @_dispatch.register("combine", "triton")
 def combine(src0, src1, time0, time0_value, time1, time1_value, kind, outputs, transpose, write0, write1, schedule,
             param, sigma_data, backend):
+    _validate.native_scalar("time0", time0, src0.shape[0], src0)
+    _validate.native_scalar("time1", time1, src0.shape[0], src0)
     if src0.device.type == "cpu" and not transpose:  # under the interpreter: the native CPU backend's checks
         names = ("t", "r") if kind == "interpolate" else ("s", "t")
         _validate.time_values(names[0], time0)
@@ -169,9 +172,8 @@ def combine(src0, src1, time0, time0_value, time1, time1_value, kind, outputs, t
     with torch.cuda.device_of(src0):  # Triton launches on the current device
         _combine_kernel[(src0.shape[0], triton.cdiv(features, block_f))](
             s0, s1, dst0 if dst0 is not None else s0, dst1 if dst1 is not None else s0, row0, step0, row1, step1,
-            time0 if time0 is not None else s0, 0 if time0 is None or not time0.ndim else time0.stride(0),
-            time0_value, time1 if time1 is not None else s0,
-            0 if time1 is None or not time1.ndim else time1.stride(0), time1_value, sigma_data, features, KIND=kind,
+            *scalar_operand(time0, time0_value, s0), *scalar_operand(time1, time1_value, s0), sigma_data, features,
+            KIND=kind,
             SCHEDULE=schedule, PARAM=param, OUTPUTS=outputs, TRANSPOSE=transpose, HAS_SRC1=src1 is not None,
             WRITE0=write0, WRITE1=write1, TIME0_TENSOR=time0 is not None, TIME1_TENSOR=time1 is not None,
             BLOCK_F=block_f, ACC=acc)

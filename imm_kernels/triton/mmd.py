@@ -277,7 +277,8 @@ def _finalize_group(tt, rr, tr, dt, dr, group, bandwidth_ptr, bandwidth_stride, 
     bandwidth = _scalar(bandwidth_ptr, bandwidth_stride, bandwidth_value, group, BANDWIDTH_TENSOR)
     weight = _scalar(weight_ptr, weight_stride, weight_value, group, WEIGHT_TENSOR)
     loss, own_t, cross_t, gap_t, own_r, cross_r, gap_r = _group_coefficients(
-        tt, rr, tr, dt, dr, bandwidth, weight, grad_scale, eps, features, GROUP_SIZE, GROUP_PAD, KERNEL, ESTIMATOR)
+        tt, rr, tr, dt, dr, bandwidth, weight, _float64(grad_scale), _float64(eps), features, GROUP_SIZE, GROUP_PAD,
+        KERNEL, ESTIMATOR)
     if SAVE:
         _store_coefficients(coefficients_ptr, group, own_t, cross_t, gap_t, own_r, cross_r, gap_r, GROUP_SIZE,
                             GROUP_PAD)
@@ -303,12 +304,19 @@ def _mmd_forward_kernel(y_t_ptr, y_r_ptr, stride_t, stride_r, bandwidth_ptr, ban
 
 
 @triton.jit
+def _float64(value):
+    """A float argument as a float64 tensor. (Built with tl.full: the interpreter turns a float argument into a
+    float32 tensor, annotation or not, where it is used as a tensor.)"""
+    return tl.full((), value, tl.float64)
+
+
+@triton.jit
 def _scalar(pointer, stride, value, index, TENSOR: tl.constexpr):
     """A ScalarArg (common/problems.h): pointer[index * stride] as float64, or the plain value."""
     if TENSOR:
         result = tl.load(pointer + index * stride).to(tl.float64)
     else:
-        result = value
+        result = _float64(value)
     return result
 
 
@@ -427,6 +435,13 @@ def feature_chunk(groups: int, features: int, block_d: int) -> int:
     return min(features, triton.cdiv(wanted, block_d) * block_d)
 
 
+def scalar_operand(tensor, value, placeholder):
+    """(pointer, stride, value) of a ScalarArg for _scalar (a placeholder pointer where there is no tensor)."""
+    if tensor is None:
+        return placeholder, 0, value
+    return tensor, tensor.stride()[0] if tensor.numel() > 1 else 0, value
+
+
 _COUNTERS: dict = {}
 
 
@@ -457,6 +472,9 @@ def _layout(y_t, y_r, group_size):
 @_dispatch.register("mmd_forward", "triton")
 def mmd_forward(y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, group_size, kernel, estimator, eps,
                 reduction, grad_t, grad_r, backend):
+    groups = y_t.shape[0] // group_size
+    _validate.native_scalar("bandwidth", bandwidth, groups, y_t)
+    _validate.native_scalar("weight", weight, groups, y_t)
     if y_t.device.type == "cpu":  # under the interpreter: the native CPU backend's value check
         _validate.positive_values("bandwidth", bandwidth, "group")
     out, coefficients = forward_outputs(y_t, group_size, reduction, grad_t, grad_r, backend)
@@ -465,9 +483,7 @@ def mmd_forward(y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, grou
     reduced = reduction != "none"
     partial = torch.empty(groups if reduced else 0, dtype=torch.float64, device=y_t.device)
     counter = _counter(y_t.device) if reduced else partial
-    scalars = (bandwidth if bandwidth is not None else out, 0 if bandwidth is None or not bandwidth.ndim
-               else bandwidth.stride(0), bandwidth_value, weight if weight is not None else out,
-               0 if weight is None or not weight.ndim else weight.stride(0), weight_value, eps,
+    scalars = (*scalar_operand(bandwidth, bandwidth_value, out), *scalar_operand(weight, weight_value, out), eps,
                1.0 / groups if reduction == "mean" else 1.0)
     finish = (groups, features, out, partial, counter, coefficients if coefficients is not None else out)
     flags = dict(KERNEL=kernel, ESTIMATOR=estimator, REDUCTION=reduction, BANDWIDTH_TENSOR=bandwidth is not None,
