@@ -14,7 +14,8 @@ import torch
 import imm_kernels
 from imm_kernels import reference
 
-from .harness import DEVICES, SMOKE, graph_replay_ms, machine, native_providers, per_call_us, require_backend
+from .harness import (DEVICES, SMOKE, graph_replay_ms, machine, native_providers, per_call_us, require_backend,
+                      variant)
 
 GROUPS, GROUP, FEATURES = 2, 4, 16  # mmd_loss: (G, M, D)
 ROWS = 8  # interpolant ops: (ROWS, FEATURES)
@@ -103,7 +104,8 @@ def test_per_call(benchmark, device, op, mode):
     graphs = {name: graph_replay_ms(lambda _, run=run: run(), [None], device) for name, run in runs.items()}
     benchmark.pedantic(runs[native_providers(device)[0]], rounds=1 if SMOKE else 3, iterations=1)
     benchmark.extra_info.update(
-        op=op, mode=mode, device=device, kind="per_call", machine=machine(device), threads=torch.get_num_threads(),
+        op=op, mode=mode, device=device, kind="per_call", variant=variant(), machine=machine(device),
+        threads=torch.get_num_threads(),
         shape=[GROUPS, GROUP, FEATURES] if op == "mmd_loss" else [ROWS, FEATURES], per_call_us=times,
         graph_us={name: None if ms is None else ms * 1e3 for name, (ms, _) in graphs.items()},
         graph_errors={name: error for name, (_, error) in graphs.items() if error})

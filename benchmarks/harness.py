@@ -46,6 +46,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def variant() -> str:
+    """The kernel-variant settings in force (IMM_TRITON_* and IMM_CUDA_* variables; imm_kernels/_dispatch.py),
+    "" for the defaults: part of every result, so that a sweep's runs stay apart."""
+    return " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(("IMM_TRITON_", "IMM_CUDA_")))
+
+
 def machine(device: str) -> str:
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
@@ -184,7 +190,8 @@ def record(benchmark, *, device: str, provider: str, op: str, mode: str, shape: 
     graph_ms, graph_error = graph
     achieved = min_bytes / ((graph_ms or median_ms) / 1e3)
     benchmark.extra_info.update(
-        op=op, mode=mode, device=device, provider=provider, shape=list(shape), dtype=str(dtype).replace("torch.", ""),
+        op=op, mode=mode, device=device, provider=provider, variant=variant(), shape=list(shape),
+        dtype=str(dtype).replace("torch.", ""),
         machine=machine(device), threads=torch.get_num_threads(), median_ms=median_ms, graph_ms=graph_ms,
         graph_error=graph_error, min_bytes=min_bytes, achieved_gbps=achieved / 1e9, copy_gbps=ceiling / 1e9,
         roofline_pct=100 * achieved / ceiling, peak_extra_bytes=peak_bytes,

@@ -1,5 +1,5 @@
 """Markdown tables and a plot from pytest-benchmark JSON files written by `pytest benchmarks/
---benchmark-json RUN.json`:  python -m benchmarks.report RUN.json [MORE.json ...] [--plot RUN.png]
+--benchmark-json RUN.json`:  python -m benchmarks.report RUN.json [MORE.json ...] [--plot RUN.png] [--merged ALL.json]
 
 Per op, mode, device and dtype: one row per shape, the median time of each provider (on GPUs also of a CUDA-graph
 replay: GPU time without the host's), and for the imm_kernels providers the speedup over the eager reference and
@@ -15,10 +15,14 @@ from collections import defaultdict
 
 
 def load(path: str) -> tuple[list[dict], list[dict], dict]:
-    """(timed results, per-call results, machine info) of one pytest-benchmark JSON."""
+    """(timed results, per-call results, machine info) of one pytest-benchmark JSON. A provider timed under a
+    kernel variant (a sweep) is named with it, e.g. imm_triton[IMM_TRITON_MMD=rows]."""
     with open(path) as f:
         run = json.load(f)
     infos = [b.get("extra_info", {}) for b in run["benchmarks"]]
+    for info in infos:
+        if info.get("variant") and "provider" in info:
+            info["provider"] = f"{info['provider']}[{info['variant']}]"
     return ([i for i in infos if "median_ms" in i], [i for i in infos if i.get("kind") == "per_call"],
             run.get("machine_info", {}))
 
@@ -128,6 +132,7 @@ def main(argv=None) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN.json",
                         help="pytest-benchmark JSON (pytest benchmarks/ --benchmark-json RUN.json); several merge")
     parser.add_argument("--plot", help="write a PNG of time and memory per shape and provider here")
+    parser.add_argument("--merged", help="write the runs' results, machine and variants, as one JSON here")
     args = parser.parse_args(argv)
     results, per_call, machine = [], [], {}
     for path in args.runs:
@@ -142,6 +147,9 @@ def main(argv=None) -> None:
         print(per_call_tables(per_call))
     if args.plot and results:
         plot(results, args.plot)
+    if args.merged:
+        with open(args.merged, "w") as f:
+            json.dump({"machine_info": machine, "results": results, "per_call": per_call}, f, indent=1)
         print(f"\nplot: {args.plot}")
 
 

@@ -36,6 +36,29 @@ _PROVIDERS = {
 }
 _FAMILY = {op: family for family, ops in FAMILY_OPS.items() for op in ops}
 
+# Kernel designs selectable at run time, so that one GPU lease times them all (tests/gpu_check.sh sweeps them);
+# the first of each is the default. A default changes only on GPU evidence, recorded with the card's name.
+VARIANTS = {
+    # Triton MMD: "tile" reduces an (M, M, BLOCK_D) pair tile once per tile; "stream" accumulates the pair tiles
+    # elementwise and reduces once per group, and its backward streams partner rows past (M, BLOCK_D) tiles
+    # (no reduction at all).
+    "IMM_TRITON_MMD": ("tile", "stream"),
+    # Triton combine: "row" is one row's 2048-feature block per program (4 warps); "wide" 4096 (8 warps).
+    "IMM_TRITON_COMBINE": ("row", "wide"),
+    # CUDA: "verified" the kernels that passed the suite on an H200 (csrc/cuda/verified.h); "next" the kernels of
+    # the current contract (csrc/cuda/next), unproven until a GPU run passes the suite with them.
+    "IMM_CUDA_KERNELS": ("verified", "next"),
+}
+
+
+def variant(name: str) -> str:
+    """The design in force for VARIANTS[name]: its environment variable, else the default."""
+    value = os.environ.get(name, VARIANTS[name][0])
+    if value not in VARIANTS[name]:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, VARIANTS[name]))}; got {value!r}")
+    return value
+
+
 _IMPLEMENTATIONS: dict[tuple[str, str], Callable] = {}
 _CUSTOM_OPS: dict[str, Callable] = {}
 _RESOLVED: dict[tuple[str, str, str], str] = {}

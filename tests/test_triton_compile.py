@@ -38,23 +38,35 @@ def signature(kernel, dtype: str) -> dict:
     return {param.name: param_type(param) for param in kernel.params}
 
 
+def aligned(kernel, constexprs: dict) -> tuple[dict, dict]:
+    """(attrs, constexprs) of the specialization a launch gets with 16-byte aligned tensors of packed features and
+    sizes divisible by 16 (the benchmark shapes): feature strides are 1 (Triton makes an argument equal to 1 a
+    constant), every other pointer and integer argument divisible by 16."""
+    unit = {param.name: 1 for param in kernel.params if param.name.endswith("feature_stride")}
+    attrs = {(index,): [["tt.divisibility", 16]] for index, param in enumerate(kernel.params)
+             if not param.is_constexpr and not param.annotation and param.name not in unit}
+    return attrs, {**constexprs, **unit}
+
+
 def variants():
-    """(kernel, input dtype, constexprs), with the block sizes the launches pick on a GPU."""
+    """(kernel, input dtype, constexprs), with the block sizes the launches pick on a GPU (and num_warps among the
+    constexprs where the launch sets it: compile() takes it out)."""
     import torch
     import triton
     import triton.language as tl
 
     from imm_kernels.triton import interpolant, mmd
 
-    def group_shape(group_size, dtype, features=None, acc=True):
+    def group_shape(group_size, dtype, features=None, acc=True, design="tile", backward=False):
         """The group constexprs, and the tile width for `features` unless None (the finalize has no tiles)."""
         pad = triton.next_power_of_2(group_size)
         shape = dict(GROUP_SIZE=group_size, GROUP_PAD=pad)
         if acc:
             shape["ACC"] = tl.float64 if dtype == "fp64" else tl.float32
+            shape["DESIGN"] = design
         if features is not None:
             torch_acc = torch.float64 if dtype == "fp64" else torch.float32
-            shape["BLOCK_D"] = mmd.block_features(pad, features, torch_acc, torch.device("cuda"))
+            shape["BLOCK_D"] = mmd.block_features(pad, features, torch_acc, torch.device("cuda"), design, backward)
         return shape
 
     def forward(kernel="laplace", estimator="v", reduction="mean", tensors=True, save=True):
@@ -85,6 +97,15 @@ def variants():
         yield mmd._mmd_finalize_kernel, dtype, dict(group_shape(8, dtype, acc=False),
                                                     **forward(kernel, estimator, reduction))
 
+    # The "stream" design (_dispatch.VARIANTS): forward, split pass 1 and backward, narrow and wide types.
+    for dtype, group_size in (("fp32", 4), ("bf16", 4), ("fp32", 16), ("fp64", 8)):
+        yield mmd._mmd_forward_kernel, dtype, dict(group_shape(group_size, dtype, 4096, design="stream"), **forward(),
+                                                   num_warps=mmd._STREAM_WARPS)
+        yield mmd._mmd_backward_kernel, dtype, dict(group_shape(group_size, dtype, 4096, design="stream",
+                                                                backward=True), WRITE_T=True, WRITE_R=dtype == "fp32")
+    yield mmd._mmd_partial_sums_kernel, "fp32", dict(group_shape(8, "fp32", 196608, design="stream"),
+                                                     num_warps=mmd._STREAM_WARPS)
+
     # combine: every (kind, schedule, param) of the public ops, forward and transposed (the backward).
     cases = [("interpolate", s, "simple_edm", outputs) for s in ("fm", "cosine") for outputs in (1, 2)]
     cases += [("imm_output", "fm", p, 1) for p in ("simple_edm", "euler_fm", "identity")]
@@ -94,7 +115,7 @@ def variants():
         has_src1 = outputs == 2 or not transpose
         return dict(KIND=kind, SCHEDULE=schedule, PARAM=param, OUTPUTS=outputs, TRANSPOSE=transpose,
                     HAS_SRC1=has_src1, WRITE0=True, WRITE1=outputs == 2 or transpose, TIME0_TENSOR=times[0],
-                    TIME1_TENSOR=times[1], BLOCK_F=interpolant.block_features(features),
+                    TIME1_TENSOR=times[1], BLOCK_F=interpolant.block_features(features)[0],
                     ACC=tl.float64 if dtype == "fp64" else tl.float32)
 
     for case in cases:
@@ -105,6 +126,19 @@ def variants():
             for transpose in (False, True):
                 yield interpolant._combine_kernel, dtype, combine(*case, transpose, dtype=dtype, features=9000)
     yield interpolant._combine_kernel, "fp32", combine("imm_output", "fm", "simple_edm", 1, False, times=(False, True))
+    wide = combine("interpolate", "fm", "simple_edm", 2, False, features=9000)
+    wide["BLOCK_F"] = interpolant.block_features(9000, "wide")[0]
+    yield interpolant._combine_kernel, "bf16", wide
+
+
+def compile(kernel, dtype: str, constexprs: dict, attrs: dict, target):
+    """triton.compile of one variant (its num_warps, if any, as an option)."""
+    import triton
+
+    values = dict(constexprs)
+    options = {"num_warps": values.pop("num_warps")} if "num_warps" in values else None
+    return triton.compile(triton.compiler.ASTSource(fn=kernel, signature=signature(kernel, dtype), constexprs=values,
+                                                    attrs=attrs), target=target, options=options)
 
 
 def compile_all(arch: int) -> int:
@@ -120,8 +154,9 @@ def compile_all(arch: int) -> int:
     for kernel, dtype, constexprs in variants():
         compiled.add(kernel.__name__)
         try:
-            triton.compile(triton.compiler.ASTSource(fn=kernel, signature=signature(kernel, dtype),
-                                                     constexprs=constexprs), target=target)
+            # Any layout; on sm_90 also the aligned specialization (the one benchmarks.model reads).
+            for attrs, values in [({}, constexprs)] + ([aligned(kernel, constexprs)] if arch == 90 else []):
+                compile(kernel, dtype, values, attrs, target)
         except Exception as error:  # noqa: BLE001  (report every failing variant, not just the first)
             failures += 1
             print(f"FAILED sm_{arch} {kernel.__name__} {dtype} {constexprs}:\n{error}\n")

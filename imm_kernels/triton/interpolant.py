@@ -17,7 +17,9 @@ from ..interpolant import combine_outputs
 from .mmd import scalar_operand
 
 _HALF_PI = tl.constexpr(math.pi / 2)
-_MAX_BLOCK_F = 2048  # features per program: 16 a thread at 4 warps, loaded as 16-byte vectors
+# Features per program and warps, by design (_dispatch.VARIANTS["IMM_TRITON_COMBINE"]): 16 features a thread,
+# loaded as 16-byte vectors; "wide" gives each program twice the bytes in flight.
+_BLOCK_F = {"row": (2048, 4), "wide": (4096, 8)}
 
 
 @triton.jit
@@ -147,9 +149,11 @@ def _combine_kernel(src0_ptr, src1_ptr, dst0_ptr, dst1_ptr, src0_row_stride, src
                  mask=mask)
 
 
-def block_features(features: int) -> int:
-    """Features per program: a whole row up to _MAX_BLOCK_F."""
-    return min(triton.next_power_of_2(features), _MAX_BLOCK_F)
+def block_features(features: int, design: str = "row") -> tuple[int, int]:
+    """(features per program, warps): a whole row up to the design's block."""
+    block, warps = _BLOCK_F[design]
+    block = min(triton.next_power_of_2(features), block)
+    return block, max(1, min(warps, block // 512))
 
 
 @_dispatch.register("combine", "triton")
@@ -167,7 +171,7 @@ def combine(src0, src1, time0, time0_value, time1, time1_value, kind, outputs, t
     dst0, dst1 = combine_outputs(src0, write0, write1)
     s0, row0, step0, features = _native.operand(src0)
     s1, row1, step1, _ = _native.operand(src1) if src1 is not None else (s0, 0, 0, 0)
-    block_f = block_features(features)
+    block_f, warps = block_features(features, _dispatch.variant("IMM_TRITON_COMBINE"))
     acc = tl.float64 if src0.dtype == torch.float64 else tl.float32
     with torch.cuda.device_of(src0):  # Triton launches on the current device
         _combine_kernel[(src0.shape[0], triton.cdiv(features, block_f))](
@@ -176,5 +180,5 @@ def combine(src0, src1, time0, time0_value, time1, time1_value, kind, outputs, t
             KIND=kind,
             SCHEDULE=schedule, PARAM=param, OUTPUTS=outputs, TRANSPOSE=transpose, HAS_SRC1=src1 is not None,
             WRITE0=write0, WRITE1=write1, TIME0_TENSOR=time0 is not None, TIME1_TENSOR=time1 is not None,
-            BLOCK_F=block_f, ACC=acc)
+            BLOCK_F=block_f, ACC=acc, num_warps=warps)
     return dst0, dst1

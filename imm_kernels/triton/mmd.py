@@ -32,6 +32,8 @@ PAIR_SUMS = tl.constexpr(5)  # square (M x M) blocks of pass-1 sums per group: t
 SIDE_BLOCKS = tl.constexpr(COEFFICIENT_BLOCKS // 2)  # own, cross, gap of one side
 
 _TILE_BYTES = 8192  # one (M, M, BLOCK_D) pair tile: ~100-130 registers a thread at 4 warps, no spills (sm_90)
+_STREAM_BYTES = 2048  # "stream": five (M, M, BLOCK_D) accumulators of this, 80 registers a thread at 1 warp
+_STREAM_WARPS = 1  # "stream" forward: one warp a program, 4-element rows a thread (16-byte loads)
 _MAX_BLOCK_D = 1024
 _TARGET_PROGRAMS = 512  # enough programs to keep every SM of a large GPU (an H100 has 132) busy
 _MIN_CHUNK = 2048  # features of one group per program, at least, when a group's features are split
@@ -190,20 +192,72 @@ def _pair_sums(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, GROUP_SI
 
 
 @triton.jit
+def _member_row(pointer, stride, group, member, d0, end, GROUP_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
+                ACC: tl.constexpr):
+    """Features [d0, d0 + BLOCK_D) of row `member` of a group, as a (1, BLOCK_D) tile in ACC, zero past `end`."""
+    feature = d0 + tl.arange(0, BLOCK_D)[None, :]
+    row = group.to(tl.int64) * GROUP_SIZE + member
+    return tl.load(pointer + row * stride + feature, mask=feature < end, other=0.0).to(ACC)
+
+
+@triton.jit
+def _pair_sums_stream(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, GROUP_SIZE: tl.constexpr,
+                      GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """_pair_sums in the "stream" design: the (M, M, BLOCK_D) products accumulate elementwise over the tiles and
+    are reduced once at the end, not once per tile (the reduction's shuffles then cost nothing per byte)."""
+    tt = tl.zeros((GROUP_PAD, GROUP_PAD, BLOCK_D), ACC)
+    rr = tl.zeros((GROUP_PAD, GROUP_PAD, BLOCK_D), ACC)
+    tr = tl.zeros((GROUP_PAD, GROUP_PAD, BLOCK_D), ACC)
+    dt = tl.zeros((GROUP_PAD, GROUP_PAD, BLOCK_D), ACC)
+    dr = tl.zeros((GROUP_PAD, GROUP_PAD, BLOCK_D), ACC)
+    for d0 in range(start, end, BLOCK_D):
+        row, feature, mask = _tile_indices(group, d0, end, GROUP_SIZE, GROUP_PAD, BLOCK_D)
+        x, y = _load_tile(y_t_ptr, y_r_ptr, stride_t, stride_r, row, feature, mask, ACC)
+        t_i = x[:, None, :]
+        r_i = y[:, None, :]
+        t_j = x[None, :, :]
+        r_j = y[None, :, :]
+        t_minus_r_j = t_j - r_j
+        u = t_i - r_j
+        v = t_i - t_j
+        w = r_i - r_j
+        z = r_i - t_j
+        tt += v * v
+        rr += w * w
+        tr += u * u
+        dt += t_minus_r_j * (u + v)
+        dr -= t_minus_r_j * (w + z)
+    return tl.sum(tt, axis=2), tl.sum(rr, axis=2), tl.sum(tr, axis=2), tl.sum(dt, axis=2), tl.sum(dr, axis=2)
+
+
+@triton.jit
+def _design_pair_sums(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, GROUP_SIZE: tl.constexpr,
+                      GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, DESIGN: tl.constexpr):
+    """Pass 1 in the chosen design (_dispatch.VARIANTS["IMM_TRITON_MMD"])."""
+    if DESIGN == "stream":
+        sums = _pair_sums_stream(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, GROUP_SIZE, GROUP_PAD,
+                               BLOCK_D, ACC)
+    else:
+        sums = _pair_sums(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, GROUP_SIZE, GROUP_PAD, BLOCK_D,
+                          ACC)
+    return sums
+
+
+@triton.jit
 def _pair_sums_f64(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, GROUP_SIZE: tl.constexpr,
-                   GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+                   GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, DESIGN: tl.constexpr):
     """Pass-1 sums as float64: in ACC, and summed again in float64 where ACC overflowed (inputs near 1e19 and
     beyond in float32; finite inputs then give the float64 answer; NaN and inf inputs give NaN either way)."""
-    tt, rr, tr, dt, dr = _pair_sums(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, GROUP_SIZE, GROUP_PAD,
-                                    BLOCK_D, ACC)
+    tt, rr, tr, dt, dr = _design_pair_sums(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, GROUP_SIZE,
+                                           GROUP_PAD, BLOCK_D, ACC, DESIGN)
     tt, rr, tr, dt, dr = tt.to(tl.float64), rr.to(tl.float64), tr.to(tl.float64), dt.to(tl.float64), dr.to(tl.float64)
     if ACC != tl.float64:
         # Any inf or NaN among the sums makes this sum of magnitudes inf or NaN (float32 values cannot reach
         # float64's overflow by adding up).
         size = tl.sum(tl.sum(tl.abs(tt) + tl.abs(rr) + tl.abs(tr) + tl.abs(dt) + tl.abs(dr), axis=1), axis=0)
         if (size >= float("inf")) | (size != size):
-            tt, rr, tr, dt, dr = _pair_sums(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, GROUP_SIZE,
-                                            GROUP_PAD, BLOCK_D, tl.float64)
+            tt, rr, tr, dt, dr = _design_pair_sums(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end,
+                                                   GROUP_SIZE, GROUP_PAD, BLOCK_D, tl.float64, DESIGN)
     return tt, rr, tr, dt, dr
 
 
@@ -292,11 +346,11 @@ def _mmd_forward_kernel(y_t_ptr, y_r_ptr, stride_t, stride_r, bandwidth_ptr, ban
                         coefficients_ptr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, KERNEL: tl.constexpr,
                         ESTIMATOR: tl.constexpr, REDUCTION: tl.constexpr, BANDWIDTH_TENSOR: tl.constexpr,
                         WEIGHT_TENSOR: tl.constexpr, SAVE: tl.constexpr, BLOCK_D: tl.constexpr,
-                        ACC: tl.constexpr):
+                        ACC: tl.constexpr, DESIGN: tl.constexpr):
     """All of one group's forward (grid: G): pass 1, the finalize, its share of the reduction."""
     group = tl.program_id(0)
     tt, rr, tr, dt, dr = _pair_sums_f64(y_t_ptr, y_r_ptr, stride_t, stride_r, group, 0, features, GROUP_SIZE,
-                                        GROUP_PAD, BLOCK_D, ACC)
+                                        GROUP_PAD, BLOCK_D, ACC, DESIGN)
     _finalize_group(tt, rr, tr, dt, dr, group, bandwidth_ptr, bandwidth_stride, bandwidth_value, weight_ptr,
                     weight_stride, weight_value, eps, grad_scale, groups, features, out_ptr, partial_ptr, counter_ptr,
                     coefficients_ptr, GROUP_SIZE, GROUP_PAD, KERNEL, ESTIMATOR, REDUCTION, BANDWIDTH_TENSOR,
@@ -323,14 +377,15 @@ def _scalar(pointer, stride, value, index, TENSOR: tl.constexpr):
 @triton.jit
 def _mmd_partial_sums_kernel(y_t_ptr, y_r_ptr, stride_t, stride_r, features, chunk, sums_ptr,
                              GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-                             ACC: tl.constexpr):
+                             ACC: tl.constexpr, DESIGN: tl.constexpr):
     """Split forward, pass 1 of one feature chunk of one group (grid: G x chunks) into sums[group, chunk]
     (5 GROUP_PAD x GROUP_PAD blocks, float64)."""
     group = tl.program_id(0)
     part = tl.program_id(1)
     start = part * chunk
     tt, rr, tr, dt, dr = _pair_sums_f64(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start,
-                                        tl.minimum(start + chunk, features), GROUP_SIZE, GROUP_PAD, BLOCK_D, ACC)
+                                        tl.minimum(start + chunk, features), GROUP_SIZE, GROUP_PAD, BLOCK_D, ACC,
+                                        DESIGN)
     square = GROUP_PAD * GROUP_PAD
     offsets = tl.arange(0, GROUP_PAD)[:, None] * GROUP_PAD + tl.arange(0, GROUP_PAD)[None, :]
     out = sums_ptr + (group.to(tl.int64) * tl.num_programs(1) + part) * (PAIR_SUMS * square) + offsets
@@ -388,18 +443,62 @@ def _side_gradient(own, other, c_own, c_cross, c_gap):
 
 
 @triton.jit
+def _coefficient_column(blocks, block, j, scale, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
+                        ACC: tl.constexpr):
+    """Column j of coefficient block `block` (rows i < M), scaled, as a (GROUP_PAD, 1) tile."""
+    i = tl.arange(0, GROUP_PAD)[:, None]
+    value = tl.load(blocks + block * GROUP_SIZE * GROUP_SIZE + i * GROUP_SIZE + j, mask=i < GROUP_SIZE, other=0.0)
+    return scale * value.to(ACC)
+
+
+@triton.jit
+def _write_gradients_rows(y_t_ptr, y_r_ptr, stride_t, stride_r, features, blocks, scale, grad_t_ptr, grad_r_ptr,
+                          group, start, end, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
+                          WRITE_T: tl.constexpr, WRITE_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """The backward in the "stream" design: each partner row j streams past the group's (M, BLOCK_D) tiles, its
+    coefficient columns scaling the differences; the gradient tiles accumulate elementwise (no reduction)."""
+    for d0 in range(start, end, BLOCK_D):
+        row, feature, mask = _tile_indices(group, d0, end, GROUP_SIZE, GROUP_PAD, BLOCK_D)
+        x, y = _load_tile(y_t_ptr, y_r_ptr, stride_t, stride_r, row, feature, mask, ACC)
+        grad_t = tl.zeros((GROUP_PAD, BLOCK_D), ACC)
+        grad_r = tl.zeros((GROUP_PAD, BLOCK_D), ACC)
+        for j in range(GROUP_SIZE):
+            x_j = _member_row(y_t_ptr, stride_t, group, j, d0, end, GROUP_SIZE, BLOCK_D, ACC)
+            y_j = _member_row(y_r_ptr, stride_r, group, j, d0, end, GROUP_SIZE, BLOCK_D, ACC)
+            d_j = x_j - y_j
+            if WRITE_T:  # X = y_t, Y = y_r: X_j - Y_j = t_j - r_j
+                grad_t += (_coefficient_column(blocks, 0, j, scale, GROUP_SIZE, GROUP_PAD, ACC) * (x - x_j)
+                           + _coefficient_column(blocks, 1, j, scale, GROUP_SIZE, GROUP_PAD, ACC) * (x - y_j)
+                           + _coefficient_column(blocks, 2, j, scale, GROUP_SIZE, GROUP_PAD, ACC) * d_j)
+            if WRITE_R:  # X = y_r, Y = y_t: X_j - Y_j = r_j - t_j
+                grad_r += (_coefficient_column(blocks, 3, j, scale, GROUP_SIZE, GROUP_PAD, ACC) * (y - y_j)
+                           + _coefficient_column(blocks, 4, j, scale, GROUP_SIZE, GROUP_PAD, ACC) * (y - x_j)
+                           - _coefficient_column(blocks, 5, j, scale, GROUP_SIZE, GROUP_PAD, ACC) * d_j)
+        offset = row * features + feature
+        if WRITE_T:
+            tl.store(grad_t_ptr + offset, grad_t.to(grad_t_ptr.dtype.element_ty), mask=mask)
+        if WRITE_R:
+            tl.store(grad_r_ptr + offset, grad_r.to(grad_r_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _mmd_backward_kernel(y_t_ptr, y_r_ptr, stride_t, stride_r, features, chunk, coefficients_ptr, grad_output_ptr,
                          grad_output_stride, grad_t_ptr, grad_r_ptr, GROUP_SIZE: tl.constexpr,
                          GROUP_PAD: tl.constexpr, WRITE_T: tl.constexpr, WRITE_R: tl.constexpr,
-                         BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+                         BLOCK_D: tl.constexpr, ACC: tl.constexpr, DESIGN: tl.constexpr):
     """The gradients of one feature chunk of one group (grid: G x chunks), scaled by the output's gradient."""
     group = tl.program_id(0)
     start = tl.program_id(1) * chunk
     end = tl.minimum(start + chunk, features)
     scale = tl.load(grad_output_ptr + group * grad_output_stride).to(ACC)
     square = GROUP_SIZE * GROUP_SIZE
+    group_blocks = coefficients_ptr + group.to(tl.int64) * (2 * SIDE_BLOCKS * square)
+    if DESIGN == "stream":
+        _write_gradients_rows(y_t_ptr, y_r_ptr, stride_t, stride_r, features, group_blocks, scale, grad_t_ptr,
+                              grad_r_ptr, group, start, end, GROUP_SIZE, GROUP_PAD, WRITE_T, WRITE_R, BLOCK_D, ACC)
+        return
     offsets, mask = _square_offsets(GROUP_SIZE, GROUP_PAD)
-    blocks = coefficients_ptr + group.to(tl.int64) * (2 * SIDE_BLOCKS * square) + offsets
+    blocks = group_blocks + offsets
     own_t = scale * tl.load(blocks, mask=mask, other=0.0).to(ACC)
     cross_t = scale * tl.load(blocks + square, mask=mask, other=0.0).to(ACC)
     gap_t = scale * tl.load(blocks + 2 * square, mask=mask, other=0.0).to(ACC)
@@ -418,14 +517,20 @@ def _mmd_backward_kernel(y_t_ptr, y_r_ptr, stride_t, stride_r, features, chunk, 
             tl.store(grad_r_ptr + offset, grad.to(grad_r_ptr.dtype.element_ty), mask=tile_mask)
 
 
-def block_features(group_pad: int, features: int, acc: torch.dtype, device: torch.device) -> int:
-    """Features per tile: on GPUs a (M, M, BLOCK_D) pair tile of _TILE_BYTES; in the interpreter (CPU
-    tensors), which has no registers to budget but a cost per operation, as wide as allowed. Never wider
-    than D needs."""
+def block_features(group_pad: int, features: int, acc: torch.dtype, device: torch.device, design: str,
+                   backward: bool = False) -> int:
+    """Features per tile: on GPUs what keeps a (M, M, BLOCK_D) pair tile at _TILE_BYTES ("tile"), or the five
+    pair accumulators at _STREAM_BYTES ("stream" forward), or an (M, BLOCK_D) row tile at _TILE_BYTES ("stream"
+    backward); in the interpreter (CPU tensors), which has no registers to budget but a cost per operation, as
+    wide as allowed. Never wider than D needs."""
     widest = min(triton.next_power_of_2(features), _MAX_BLOCK_D)
     if device.type != "cuda":
         return widest
-    return max(1, min(widest, _TILE_BYTES // (group_pad * group_pad * acc.itemsize)))
+    if design == "stream":
+        tile = _TILE_BYTES // group_pad if backward else _STREAM_BYTES // (group_pad * group_pad)
+    else:
+        tile = _TILE_BYTES // (group_pad * group_pad)
+    return max(1, min(widest, tile // acc.itemsize))
 
 
 def feature_chunk(groups: int, features: int, block_d: int) -> int:
@@ -455,17 +560,19 @@ def _counter(device: torch.device) -> torch.Tensor:
     return _COUNTERS[key]
 
 
-def _layout(y_t, y_r, group_size):
-    """Rows (B, D) with packed features, their strides, and the launch shapes."""
+def _layout(y_t, y_r, group_size, backward=False):
+    """Rows (B, D) with packed features, their strides, and the launch shapes of a direction."""
     from .._native import rows
 
     (t, stride_t, features), (r, stride_r, _) = rows(y_t), rows(y_r)
     groups = y_t.shape[0] // group_size
     acc = _validate.accumulation_dtype(y_t.dtype)
     group_pad = triton.next_power_of_2(group_size)
-    block_d = block_features(group_pad, features, acc, y_t.device)
+    design = _dispatch.variant("IMM_TRITON_MMD")
+    block_d = block_features(group_pad, features, acc, y_t.device, design, backward)
     chunk = feature_chunk(groups, features, block_d)
-    shape = dict(GROUP_SIZE=group_size, GROUP_PAD=group_pad, ACC=tl.float64 if acc == torch.float64 else tl.float32)
+    shape = dict(GROUP_SIZE=group_size, GROUP_PAD=group_pad, ACC=tl.float64 if acc == torch.float64 else tl.float32,
+                 DESIGN=design)
     return (t, r, stride_t, stride_r), groups, features, block_d, chunk, shape
 
 
@@ -488,14 +595,16 @@ def mmd_forward(y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, grou
     finish = (groups, features, out, partial, counter, coefficients if coefficients is not None else out)
     flags = dict(KERNEL=kernel, ESTIMATOR=estimator, REDUCTION=reduction, BANDWIDTH_TENSOR=bandwidth is not None,
                  WEIGHT_TENSOR=weight is not None, SAVE=coefficients is not None, **shape)
+    warps = _STREAM_WARPS if shape["DESIGN"] == "stream" else 4
     with torch.cuda.device_of(y_t):  # Triton launches on the current device
         if chunks == 1:
-            _mmd_forward_kernel[(groups,)](*rows, *scalars, *finish, BLOCK_D=block_d, **flags)
+            _mmd_forward_kernel[(groups,)](*rows, *scalars, *finish, BLOCK_D=block_d, num_warps=warps, **flags)
         else:
             square = shape["GROUP_PAD"] ** 2
             sums = torch.empty((groups, chunks, PAIR_SUMS.value, square), dtype=torch.float64, device=y_t.device)
-            _mmd_partial_sums_kernel[(groups, chunks)](*rows, features, chunk, sums, BLOCK_D=block_d, **shape)
-            flags.pop("ACC")
+            _mmd_partial_sums_kernel[(groups, chunks)](*rows, features, chunk, sums, BLOCK_D=block_d, num_warps=warps,
+                                                       **shape)
+            del flags["ACC"], flags["DESIGN"]
             _mmd_finalize_kernel[(groups,)](sums, chunks, *scalars, *finish, **flags)
     return out, coefficients
 
@@ -503,7 +612,7 @@ def mmd_forward(y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, grou
 @_dispatch.register("mmd_backward", "triton")
 def mmd_backward(grad_output, y_t, y_r, saved, group_size, grad_t, grad_r, backend):
     out_t, out_r = backward_outputs(y_t, grad_t, grad_r)
-    rows, groups, features, block_d, chunk, shape = _layout(y_t, y_r, group_size)
+    rows, groups, features, block_d, chunk, shape = _layout(y_t, y_r, group_size, backward=True)
     grads = (out_t if out_t is not None else saved, out_r if out_r is not None else saved)
     with torch.cuda.device_of(y_t):
         _mmd_backward_kernel[(groups, triton.cdiv(features, chunk))](
