@@ -9,7 +9,9 @@
 
 #if defined(IMM_BUILD_CUDA)
 #include "cuda/kernels.h"
+#include "cuda/next/kernels.h"
 #define IMM_MODULE _cuda
+namespace backend = imm::cuda::next;  // opt-in (IMM_CUDA_KERNELS=next) until a GPU run passes the suite with it
 using LaunchArg = uintptr_t;
 constexpr const char* kDoc = "imm_kernels CUDA backend";
 #else
@@ -34,18 +36,18 @@ Enum to_enum(int code, int count, const char* what) {
 const void* cptr(uintptr_t p) { return reinterpret_cast<const void*>(p); }
 void* mptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
 
-#if !defined(IMM_BUILD_CUDA)
 ScalarArg scalar(uintptr_t data, int64_t stride, bool is_double, double value) {
   return {cptr(data), stride, is_double, value};
 }
 
+// The current contract (common/problems.h), the same in both modules.
 void define_current_contract(py::module_& m) {
   m.def("mmd_forward",
         [](uintptr_t y_t, uintptr_t y_r, int64_t stride_t, int64_t stride_r, int64_t groups, int64_t group_size,
            int64_t features, int dtype, int kernel, int estimator, int reduction, double eps, uintptr_t bandwidth,
            int64_t bandwidth_stride, bool bandwidth_double, double bandwidth_value, uintptr_t weight,
            int64_t weight_stride, bool weight_double, double weight_value, uintptr_t out, uintptr_t coefficients,
-           bool check_values, LaunchArg launch) {
+           bool check_values, uintptr_t workspace, uintptr_t counter, LaunchArg launch) {
           const MmdForwardProblem p{cptr(y_t),
                                     cptr(y_r),
                                     stride_t,
@@ -62,7 +64,9 @@ void define_current_contract(py::module_& m) {
                                     scalar(weight, weight_stride, weight_double, weight_value),
                                     mptr(out),
                                     mptr(coefficients),
-                                    check_values};
+                                    check_values,
+                                    mptr(workspace),
+                                    mptr(counter)};
           py::gil_scoped_release release;
           backend::mmd_forward(p, launch);
         });
@@ -102,7 +106,6 @@ void define_current_contract(py::module_& m) {
     backend::combine(p, launch);
   });
 }
-#endif
 
 #if defined(IMM_BUILD_CUDA)
 // The GPU-verified kernels (cuda/verified.h).
@@ -157,6 +160,9 @@ void define_verified_contract(py::module_& m) {
     py::gil_scoped_release release;
     cuda::combine(p, src, dst, transpose, stream);
   });
+  m.def("mmd_workspace_bytes", [](int64_t groups, int64_t group_size, int64_t features, int dtype) {
+    return cuda::next::mmd_workspace_bytes(groups, group_size, features, to_enum<DType>(dtype, 4, "dtype"));
+  });
   m.def("device_available", &cuda::device_available,
         "Whether the CUDA runtime finds a driver and at least one device (False, never an error, without them).");
 }
@@ -167,9 +173,8 @@ void define_verified_contract(py::module_& m) {
 
 PYBIND11_MODULE(IMM_MODULE, m) {
   m.doc() = kDoc;
+  imm::define_current_contract(m);
 #if defined(IMM_BUILD_CUDA)
   imm::define_verified_contract(m);
-#else
-  imm::define_current_contract(m);
 #endif
 }

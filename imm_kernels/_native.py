@@ -98,6 +98,19 @@ def operand(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     return x, x.stride(0), layout[0], layout[1]
 
 
+_COUNTERS: dict = {}
+
+
+def reduction_counter(device: torch.device) -> torch.Tensor:
+    """The arrival counter of a GPU reduction (the last block or program to arrive adds up the loss and resets
+    it): zero between launches, one per device and stream (launches on one stream never overlap)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
+
+
 # Tests set IMM_KERNELS_POISON=1 so that every output a kernel fails to write shows up as NaN.
 POISON = os.environ.get("IMM_KERNELS_POISON") == "1"
 

@@ -69,6 +69,13 @@ def _native_combine(src0, src1, time0, time0_value, time1, time1_value, kind, ou
 
 
 @_dispatch.register("combine", "cuda")
+def _cuda_combine(*arguments):
+    """The cuda backend: the GPU-verified kernel, or with IMM_CUDA_KERNELS=next that of the current contract."""
+    if _dispatch.variant("IMM_CUDA_KERNELS") == "next":
+        return _native_combine(*arguments)
+    return _verified_cuda_combine(*arguments)
+
+
 def _verified_cuda_combine(src0, src1, time0, time0_value, time1, time1_value, kind, outputs, transpose, write0,
                            write1, schedule, param, sigma_data, backend):
     """The GPU-verified kernel (csrc/cuda/verified.h): packed sources and times in the accumulation dtype."""

@@ -35,7 +35,7 @@ def forward_outputs(y_t: Tensor, group_size: int, reduction: str, grad_t: bool, 
     out = _native.new_output(y_t, () if reduction != "none" else (groups,))
     if not (grad_t or grad_r):
         return out, None
-    if backend == "cuda":
+    if backend == "cuda" and _dispatch.variant("IMM_CUDA_KERNELS") == "verified":
         return out, _native.new_output(y_t, (grad_t + grad_r, *y_t.shape))
     return out, _native.new_output(y_t, (groups, COEFFICIENT_BLOCKS, group_size, group_size),
                                    _validate.accumulation_dtype(y_t.dtype))
@@ -99,12 +99,16 @@ def _native_forward(y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, 
     out, coefficients = forward_outputs(y_t, group_size, reduction, grad_t, grad_r, backend)
     t, stride_t, features = _native.rows(y_t)
     r, stride_r, _ = _native.rows(y_r)
-    _native.LOADED[backend].mmd_forward(
-        t.data_ptr(), r.data_ptr(), stride_t, stride_r, groups, group_size, features,
-        _native.DTYPE_CODES[y_t.dtype], _native.KERNEL_CODES[kernel], _native.ESTIMATOR_CODES[estimator],
-        _native.REDUCTION_CODES[reduction], eps, *_native.scalar_arg(bandwidth, bandwidth_value),
-        *_native.scalar_arg(weight, weight_value), out.data_ptr(), _native.ptr(coefficients),
-        y_t.is_cpu, _native.launch_arg(y_t))
+    module, dtype = _native.LOADED[backend], _native.DTYPE_CODES[y_t.dtype]
+    workspace = counter = None
+    if not y_t.is_cpu:  # GPU kernels: scratch from torch's allocator, the reduction's counter
+        workspace = y_t.new_empty(module.mmd_workspace_bytes(groups, group_size, features, dtype), dtype=torch.uint8)
+        counter = _native.reduction_counter(y_t.device) if reduction != "none" else None
+    module.mmd_forward(
+        t.data_ptr(), r.data_ptr(), stride_t, stride_r, groups, group_size, features, dtype,
+        _native.KERNEL_CODES[kernel], _native.ESTIMATOR_CODES[estimator], _native.REDUCTION_CODES[reduction], eps,
+        *_native.scalar_arg(bandwidth, bandwidth_value), *_native.scalar_arg(weight, weight_value), out.data_ptr(),
+        _native.ptr(coefficients), y_t.is_cpu, _native.ptr(workspace), _native.ptr(counter), _native.launch_arg(y_t))
     return out, coefficients
 
 
@@ -121,6 +125,20 @@ def _native_backward(grad_output, y_t, y_r, saved, group_size, grad_t, grad_r, b
 
 
 @_dispatch.register("mmd_forward", "cuda")
+def _cuda_forward(*arguments):
+    """The cuda backend: the GPU-verified kernels, or with IMM_CUDA_KERNELS=next those of the current contract."""
+    if _dispatch.variant("IMM_CUDA_KERNELS") == "next":
+        return _native_forward(*arguments)
+    return _verified_cuda_forward(*arguments)
+
+
+@_dispatch.register("mmd_backward", "cuda")
+def _cuda_backward(*arguments):
+    if _dispatch.variant("IMM_CUDA_KERNELS") == "next":
+        return _native_backward(*arguments)
+    return _verified_cuda_backward(*arguments)
+
+
 def _verified_cuda_forward(y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, group_size, kernel,
                            estimator, eps, reduction, grad_t, grad_r, backend):
     """The GPU-verified kernels (csrc/cuda/verified.h): per-group losses and the gradients of their weighted sum
@@ -158,7 +176,6 @@ def _verified_cuda_forward(y_t, y_r, bandwidth, bandwidth_value, weight, weight_
     return out, saved
 
 
-@_dispatch.register("mmd_backward", "cuda")
 def _verified_cuda_backward(grad_output, y_t, y_r, saved, group_size, grad_t, grad_r, backend):
     groups = y_t.shape[0] // group_size
     scale = grad_output.reshape(groups, 1) if grad_output.dim() else grad_output

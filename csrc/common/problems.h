@@ -1,5 +1,6 @@
 // What one native call receives: raw pointers, sizes, strides and codes. Filled by the bindings, read by the
-// CPU implementation and the CUDA kernels of the same contract (csrc/cuda/next/).
+// CPU implementation and the CUDA kernels of the same contract (csrc/cuda/next/; the GPU-verified CUDA kernels
+// have their own, csrc/cuda/verified.h).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -46,8 +47,10 @@ struct MmdForwardProblem {
   ScalarArg bandwidth;  // per group
   ScalarArg weight;     // per group
   void* out;            // input dtype: one element (mean, sum) or one per group (none)
-  void* coefficients;   // accumulation type, [G][kCoefficientBlocks][M][M], or null when no gradient is wanted
+  void* coefficients;   // accumulation type, [G][6][M][M] (common/mmd_math.h), or null when no gradient is wanted
   bool check_values;    // the operands live in host memory: refuse a bandwidth that is not > 0
+  void* workspace;      // GPU kernels: scratch of their mmd_workspace_bytes() (null on CPUs)
+  void* counter;        // GPU kernels, reduced loss: a uint32 zero they leave at zero (null on CPUs)
 };
 
 // Backward: grad_X_i = go_g sum_j Q_ij (X_i - X_j) + R_ij (X_j - Y_j) for each side X that needs it.

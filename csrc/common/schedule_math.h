@@ -64,4 +64,19 @@ IMM_HD Mix<T> combine_coefficients(CombineKind kind, Schedule schedule, Param pa
   return imm_output_coefficients(schedule, param, sigma_data, time0, time1);
 }
 
+// coef[dst][src] of one row: the kind's coefficients mix[o][i] (output o from input i; none for a second output
+// of a one-output kind), transposed for the backward (dst_i = sum_o mix[o][i] src_o).
+template <class T>
+IMM_HD void combine_matrix(CombineKind kind, Schedule schedule, Param param, T sigma_data, T time0, T time1,
+                           int outputs, bool transpose, T (&coef)[2][2]) {
+  T mix[2][2] = {{T(0), T(0)}, {T(0), T(0)}};
+  for (int o = 0; o < outputs; ++o) {
+    const Mix<T> m = combine_coefficients(kind, schedule, param, sigma_data, time0, time1, o);
+    mix[o][0] = m.a;
+    mix[o][1] = m.b;
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) coef[i][j] = transpose ? mix[j][i] : mix[i][j];
+}
+
 }  // namespace imm

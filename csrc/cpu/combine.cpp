@@ -80,16 +80,9 @@ void run(const CombineProblem& p, int threads) {
 #pragma omp for schedule(static)
     for (int64_t k = 0; k < tasks; ++k) {
       const int64_t b = k / blocks, f0 = (k % blocks) * kBlock, n = std::min(kBlock, f_count - f0);
-      Acc mix[2][2] = {{0, 0}, {0, 0}};  // mix[output][input]
-      for (int o = 0; o < p.outputs; ++o) {
-        const Mix<Acc> m = combine_coefficients(p.kind, p.schedule, p.param, Acc(p.sigma_data), Acc(p.time0.at(b)),
-                                                Acc(p.time1.at(b)), o);
-        mix[o][0] = m.a;
-        mix[o][1] = m.b;
-      }
       Acc coef[2][2];  // coef[dst][src]
-      for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 2; ++j) coef[i][j] = p.transpose ? mix[j][i] : mix[i][j];
+      combine_matrix(p.kind, p.schedule, p.param, Acc(p.sigma_data), Acc(p.time0.at(b)), Acc(p.time1.at(b)),
+                     p.outputs, p.transpose, coef);
       auto source = [&](const Operand& s) {
         return s.data ? static_cast<const In*>(s.data) + b * s.row_stride + f0 * s.feature_stride : nullptr;
       };

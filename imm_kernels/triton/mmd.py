@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _dispatch, _validate
+from .. import _dispatch, _native, _validate
 from ..mmd import COEFFICIENT_BLOCKS, backward_outputs, forward_outputs
 
 PAIR_SUMS = tl.constexpr(5)  # square (M x M) blocks of pass-1 sums per group: tt, rr, tr, dt, dr
@@ -547,24 +547,9 @@ def scalar_operand(tensor, value, placeholder):
     return tensor, tensor.stride()[0] if tensor.numel() > 1 else 0, value
 
 
-_COUNTERS: dict = {}
-
-
-def _counter(device: torch.device) -> torch.Tensor:
-    """The arrival counter of a device's reductions: zero between launches (the last program resets it), one per
-    device and stream (launches on one stream never overlap)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return _COUNTERS[key]
-
-
 def _layout(y_t, y_r, group_size, backward=False):
     """Rows (B, D) with packed features, their strides, and the launch shapes of a direction."""
-    from .._native import rows
-
-    (t, stride_t, features), (r, stride_r, _) = rows(y_t), rows(y_r)
+    (t, stride_t, features), (r, stride_r, _) = _native.rows(y_t), _native.rows(y_r)
     groups = y_t.shape[0] // group_size
     acc = _validate.accumulation_dtype(y_t.dtype)
     group_pad = triton.next_power_of_2(group_size)
@@ -589,7 +574,7 @@ def mmd_forward(y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, grou
     chunks = triton.cdiv(features, chunk)
     reduced = reduction != "none"
     partial = torch.empty(groups if reduced else 0, dtype=torch.float64, device=y_t.device)
-    counter = _counter(y_t.device) if reduced else partial
+    counter = _native.reduction_counter(y_t.device) if reduced else partial
     scalars = (*scalar_operand(bandwidth, bandwidth_value, out), *scalar_operand(weight, weight_value, out), eps,
                1.0 / groups if reduction == "mean" else 1.0)
     finish = (groups, features, out, partial, counter, coefficients if coefficients is not None else out)
