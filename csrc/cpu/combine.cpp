@@ -17,8 +17,10 @@ constexpr int64_t kBlock = 16384;  // features per task: rows are split so large
 
 // One pass over the sources for every destination; which of src1 / dst0 / dst1 are present and whether the
 // sources' features are unit-stride are compile-time choices, so the common loop stays branch-free and vectorized.
+// Cloned itself: gcc does not inline all sixteen instantiations into a cloned caller, and a loop left in the
+// default (SSE2) build converts bfloat16 one element at a time.
 template <class In, class Acc, bool kSrc1, bool kDst0, bool kDst1, bool kUnitStride>
-inline void combine_pass(const In* src0, int64_t stride0, const In* src1, int64_t stride1, In* dst0, In* dst1,
+IMM_CPU_CLONES void combine_pass(const In* src0, int64_t stride0, const In* src1, int64_t stride1, In* dst0, In* dst1,
                          const Acc (&coef)[2][2], int64_t n) {
 #pragma omp simd
   for (int64_t f = 0; f < n; ++f) {
@@ -30,7 +32,7 @@ inline void combine_pass(const In* src0, int64_t stride0, const In* src1, int64_
 }
 
 template <class In, class Acc>
-IMM_CPU_CLONES void combine_block(const In* src0, int64_t stride0, const In* src1, int64_t stride1, In* dst0,
+void combine_block(const In* src0, int64_t stride0, const In* src1, int64_t stride1, In* dst0,
                                   In* dst1, const Acc (&coef)[2][2], int64_t n) {
   using yes = std::true_type;
   using no = std::false_type;

@@ -72,7 +72,7 @@ int64_t feature_splits(int64_t tasks, int64_t features, int threads) {
 
 // Features [d0, d0 + n) of rows[0..count) at base + row * stride into dst (count x width), zero padded.
 template <class In, class Acc>
-inline void load_rows(const In* base, int64_t stride, int64_t count, int64_t d0, int64_t n, int64_t width, Acc* dst,
+IMM_CPU_INLINE void load_rows(const In* base, int64_t stride, int64_t count, int64_t d0, int64_t n, int64_t width, Acc* dst,
                       const PairBlock* block = nullptr) {
   for (int64_t a = 0; a < count; ++a) {
     const In* row = base + (block ? block->global(a) : a) * stride + d0;
@@ -84,7 +84,7 @@ inline void load_rows(const In* base, int64_t stride, int64_t count, int64_t d0,
 
 // Adds kLanes partial sums to their slots in `lanes`.
 template <class Acc>
-inline void add_lanes(Acc* lanes, int64_t slot, const Acc* sums) {
+IMM_CPU_INLINE void add_lanes(Acc* lanes, int64_t slot, const Acc* sums) {
   Acc* out = lanes + slot * kLanes;
 #pragma omp simd
   for (int64_t l = 0; l < kLanes; ++l) out[l] += sums[l];

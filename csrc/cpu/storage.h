@@ -15,6 +15,13 @@
 #else
 #define IMM_CPU_CLONES
 #endif
+// For helpers of the cloned loops: a helper gcc leaves out of line is built for the default target only (SSE2),
+// where bfloat16 conversions are not vectorized.
+#if defined(__GNUC__)
+#define IMM_CPU_INLINE inline __attribute__((always_inline))
+#else
+#define IMM_CPU_INLINE inline
+#endif
 
 namespace imm::cpu {
 
@@ -28,14 +35,14 @@ using Half = _Float16;
 #error "imm_kernels' CPU backend needs a compiler with _Float16 (gcc >= 12 or clang >= 15)"
 #endif
 
-inline float bf16_to_float(BFloat16 v) {
+IMM_CPU_INLINE float bf16_to_float(BFloat16 v) {
   const uint32_t u = uint32_t(v.bits) << 16;
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
 
-inline BFloat16 float_to_bf16(float f) {  // round to nearest even; NaN stays NaN
+IMM_CPU_INLINE BFloat16 float_to_bf16(float f) {  // round to nearest even; NaN stays NaN
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   if ((u & 0x7fffffffu) > 0x7f800000u) return {uint16_t(0x7fc0)};
@@ -44,7 +51,7 @@ inline BFloat16 float_to_bf16(float f) {  // round to nearest even; NaN stays Na
 }
 
 template <class Acc, class In>
-inline Acc load(In v) {
+IMM_CPU_INLINE Acc load(In v) {
   if constexpr (std::is_same_v<In, BFloat16>) {
     return Acc(bf16_to_float(v));
   } else {
@@ -53,7 +60,7 @@ inline Acc load(In v) {
 }
 
 template <class In, class Acc>
-inline In store(Acc v) {
+IMM_CPU_INLINE In store(Acc v) {
   if constexpr (std::is_same_v<In, BFloat16>) {
     return float_to_bf16(float(v));
   } else {
