@@ -27,11 +27,15 @@ from . import _dispatch, _native, _validate, reference
 COEFFICIENT_BLOCKS = 6  # per group: the own, cross and gap coefficients of each side (mmd_math.h)
 
 
-def forward_outputs(y_t: Tensor, group_size: int, reduction: str, grad_t: bool, grad_r: bool, backend: str):
-    """The forward op's outputs: the loss in the input dtype (a scalar, or one per group for reduction "none"),
-    and what the backward op needs when a gradient will be wanted (else None): the coefficients, or with the
-    GPU-verified CUDA kernels the gradients themselves ([n, B, ...] in the input dtype)."""
+def forward_outputs(y_t: Tensor, group_size: int, bandwidth: Tensor | None, weight: Tensor | None,
+                    reduction: str, grad_t: bool, grad_r: bool, backend: str):
+    """The forward op's outputs, once its scalar operands are checked: the loss in the input dtype (a scalar, or
+    one per group for reduction "none"), and what the backward op needs when a gradient will be wanted (else
+    None): the coefficients, or with the GPU-verified CUDA kernels the gradients themselves ([n, B, ...] in the
+    input dtype)."""
     groups = y_t.shape[0] // group_size
+    _validate.native_scalar("bandwidth", bandwidth, groups, y_t)
+    _validate.native_scalar("weight", weight, groups, y_t)
     out = _native.new_output(y_t, () if reduction != "none" else (groups,))
     if not (grad_t or grad_r):
         return out, None
@@ -61,7 +65,7 @@ def mmd_forward(y_t: Tensor, y_r: Tensor, bandwidth: Tensor | None, bandwidth_va
 @mmd_forward.register_fake
 def _(y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, group_size, kernel, estimator, eps, reduction,
       grad_t, grad_r, backend):
-    return _op_outputs(*forward_outputs(y_t, group_size, reduction, grad_t, grad_r, backend))
+    return _op_outputs(*forward_outputs(y_t, group_size, bandwidth, weight, reduction, grad_t, grad_r, backend))
 
 
 @torch.library.custom_op("imm_kernels::mmd_backward", mutates_args=())
@@ -94,9 +98,7 @@ _dispatch.register_custom_op("mmd_backward", torch.ops.imm_kernels.mmd_backward)
 def _native_forward(y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, group_size, kernel, estimator, eps,
                     reduction, grad_t, grad_r, backend):
     groups = y_t.shape[0] // group_size
-    _validate.native_scalar("bandwidth", bandwidth, groups, y_t)
-    _validate.native_scalar("weight", weight, groups, y_t)
-    out, coefficients = forward_outputs(y_t, group_size, reduction, grad_t, grad_r, backend)
+    out, coefficients = forward_outputs(y_t, group_size, bandwidth, weight, reduction, grad_t, grad_r, backend)
     t, stride_t, features = _native.rows(y_t)
     r, stride_r, _ = _native.rows(y_r)
     module, dtype = _native.LOADED[backend], _native.DTYPE_CODES[y_t.dtype]
@@ -144,9 +146,7 @@ def _verified_cuda_forward(y_t, y_r, bandwidth, bandwidth_value, weight, weight_
     """The GPU-verified kernels (csrc/cuda/verified.h): per-group losses and the gradients of their weighted sum
     in one launch; the conversions, the reduction and (in backward) the scale are torch ops around it."""
     groups, device = y_t.shape[0] // group_size, y_t.device
-    _validate.native_scalar("bandwidth", bandwidth, groups, y_t)
-    _validate.native_scalar("weight", weight, groups, y_t)
-    out, saved = forward_outputs(y_t, group_size, reduction, grad_t, grad_r, backend)
+    out, saved = forward_outputs(y_t, group_size, bandwidth, weight, reduction, grad_t, grad_r, backend)
     acc = _validate.accumulation_dtype(y_t.dtype)
 
     def per_group(tensor, value):

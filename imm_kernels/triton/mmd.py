@@ -163,6 +163,23 @@ def _load_tile(y_t_ptr, y_r_ptr, stride_t, stride_r, row, feature, mask, ACC: tl
 
 
 @triton.jit
+def _pair_products(x, y):
+    """The five pass-1 sums' products of every pair (i, j) of one (GROUP_PAD, BLOCK_D) tile of y_t rows (x) and y_r
+    rows (y), each (GROUP_PAD, GROUP_PAD, BLOCK_D): |t_i - t_j|^2, |r_i - r_j|^2, |t_i - r_j|^2 and the two
+    b^2 - a^2 differences (mmd_math.h) by direct differences, never by expanded squares."""
+    t_i = x[:, None, :]
+    r_i = y[:, None, :]
+    t_j = x[None, :, :]
+    r_j = y[None, :, :]
+    t_minus_r_j = t_j - r_j
+    u = t_i - r_j
+    v = t_i - t_j
+    w = r_i - r_j
+    z = r_i - t_j
+    return v * v, w * w, u * u, t_minus_r_j * (u + v), -t_minus_r_j * (w + z)
+
+
+@triton.jit
 def _pair_sums(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, GROUP_SIZE: tl.constexpr,
                GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     """Pass 1 over features [start, end) of one group: (tt, rr, tr, dt, dr), each GROUP_PAD x GROUP_PAD."""
@@ -174,20 +191,12 @@ def _pair_sums(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, GROUP_SI
     for d0 in range(start, end, BLOCK_D):
         row, feature, mask = _tile_indices(group, d0, end, GROUP_SIZE, GROUP_PAD, BLOCK_D)
         x, y = _load_tile(y_t_ptr, y_r_ptr, stride_t, stride_r, row, feature, mask, ACC)
-        t_i = x[:, None, :]
-        r_i = y[:, None, :]
-        t_j = x[None, :, :]
-        r_j = y[None, :, :]
-        t_minus_r_j = t_j - r_j
-        u = t_i - r_j
-        v = t_i - t_j
-        w = r_i - r_j
-        z = r_i - t_j
-        tt += tl.sum(v * v, axis=2)
-        rr += tl.sum(w * w, axis=2)
-        tr += tl.sum(u * u, axis=2)
-        dt += tl.sum(t_minus_r_j * (u + v), axis=2)
-        dr -= tl.sum(t_minus_r_j * (w + z), axis=2)
+        tt_d, rr_d, tr_d, dt_d, dr_d = _pair_products(x, y)
+        tt += tl.sum(tt_d, axis=2)
+        rr += tl.sum(rr_d, axis=2)
+        tr += tl.sum(tr_d, axis=2)
+        dt += tl.sum(dt_d, axis=2)
+        dr += tl.sum(dr_d, axis=2)
     return tt, rr, tr, dt, dr
 
 
@@ -213,20 +222,12 @@ def _pair_sums_stream(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, G
     for d0 in range(start, end, BLOCK_D):
         row, feature, mask = _tile_indices(group, d0, end, GROUP_SIZE, GROUP_PAD, BLOCK_D)
         x, y = _load_tile(y_t_ptr, y_r_ptr, stride_t, stride_r, row, feature, mask, ACC)
-        t_i = x[:, None, :]
-        r_i = y[:, None, :]
-        t_j = x[None, :, :]
-        r_j = y[None, :, :]
-        t_minus_r_j = t_j - r_j
-        u = t_i - r_j
-        v = t_i - t_j
-        w = r_i - r_j
-        z = r_i - t_j
-        tt += v * v
-        rr += w * w
-        tr += u * u
-        dt += t_minus_r_j * (u + v)
-        dr -= t_minus_r_j * (w + z)
+        tt_d, rr_d, tr_d, dt_d, dr_d = _pair_products(x, y)
+        tt += tt_d
+        rr += rr_d
+        tr += tr_d
+        dt += dt_d
+        dr += dr_d
     return tl.sum(tt, axis=2), tl.sum(rr, axis=2), tl.sum(tr, axis=2), tl.sum(dt, axis=2), tl.sum(dr, axis=2)
 
 
@@ -564,12 +565,9 @@ def _layout(y_t, y_r, group_size, backward=False):
 @_dispatch.register("mmd_forward", "triton")
 def mmd_forward(y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, group_size, kernel, estimator, eps,
                 reduction, grad_t, grad_r, backend):
-    groups = y_t.shape[0] // group_size
-    _validate.native_scalar("bandwidth", bandwidth, groups, y_t)
-    _validate.native_scalar("weight", weight, groups, y_t)
+    out, coefficients = forward_outputs(y_t, group_size, bandwidth, weight, reduction, grad_t, grad_r, backend)
     if y_t.device.type == "cpu":  # under the interpreter: the native CPU backend's value check
         _validate.positive_values("bandwidth", bandwidth, "group")
-    out, coefficients = forward_outputs(y_t, group_size, reduction, grad_t, grad_r, backend)
     rows, groups, features, block_d, chunk, shape = _layout(y_t, y_r, group_size)
     chunks = triton.cdiv(features, chunk)
     reduced = reduction != "none"
