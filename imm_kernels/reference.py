@@ -27,7 +27,8 @@ def kernel_matrix(kernel: str, sq: torch.Tensor, bandwidth: torch.Tensor, featur
         return torch.exp(-bandwidth * sq / features)
     d = _distance(sq)
     if kernel == "laplace":
-        return torch.exp(-bandwidth * torch.clamp(d, min=eps) / features)
+        # Flat at and below eps, gradient included at d == eps (where clamp would pass it), as in the native backends.
+        return torch.exp(-bandwidth * torch.where(d > eps, d, eps) / features)
     return -d
 
 

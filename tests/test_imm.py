@@ -100,3 +100,27 @@ def test_sample_times():
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def uniform_ks(u: torch.Tensor) -> float:
+    """The Kolmogorov-Smirnov distance of the sample u from U(0, 1)."""
+    u, n = u.sort().values, u.numel()
+    above = torch.arange(1, n + 1, dtype=u.dtype) / n - u
+    below = u - torch.arange(0, n, dtype=u.dtype) / n
+    return max(above.max().item(), below.max().item())
+
+
+@pytest.mark.parametrize("schedule,eps_t,T", [("fm", 0.006, None), ("cosine", 0.0, 0.9)])
+def test_sample_times_distribution(schedule, eps_t, T):
+    """t ~ U(eps_t, T) and, given t, s ~ U(eps_t, t): (t - eps_t) / (T - eps_t) is uniform, and so is
+    (s - eps_t) / (t - eps_t) within every quarter of t's range. Kolmogorov-Smirnov at p = 0.001 (1.95 / sqrt(n)),
+    on a fixed seed."""
+    T_max = schedules.DEFAULT_T[schedule] if T is None else T
+    s, _, t = imm.sample_times(200_000, schedule=schedule, eps_t=eps_t, T=T, dtype=torch.float64,
+                               generator=torch.Generator().manual_seed(3))
+    u_t = (t - eps_t) / (T_max - eps_t)
+    u_s = (s - eps_t) / (t - eps_t)
+    assert uniform_ks(u_t) < 1.95 / math.sqrt(u_t.numel())
+    for quarter in range(4):
+        given_t = u_s[(u_t >= quarter / 4) & (u_t < (quarter + 1) / 4)]
+        assert uniform_ks(given_t) < 1.95 / math.sqrt(given_t.numel()), f"s given t in quarter {quarter}"
