@@ -1,6 +1,6 @@
 """The byte and occupancy model of the GPU benchmark shapes, needing no GPU:
 
-    python -m benchmarks.model [--bandwidth TB/s] [--arch 90]
+    python -m benchmarks.model [--bandwidth TB/s] [--arch 90] [--only bytes|kernels]
 
 Per shape, dtype and mode: the fewest bytes each op must move (each input read once, each output written once)
 and the time they take at the copy bandwidth (H200: 4.0 TB/s measured, 2026-11-26), against the arithmetic floor
@@ -8,7 +8,8 @@ and the time they take at the copy bandwidth (H200: 4.0 TB/s measured, 2026-11-2
 per feature for a gradient, at about 33.5e12 a second), and which floor binds. Then, per Triton kernel and
 design (imm_kernels/_dispatch.py VARIANTS) compiled for sm_<arch>: registers, spills, shared memory, the widest
 global loads and stores in the PTX, and the warps an SM can hold at those registers (Hopper: 64K registers,
-64 warps). Written into tests/gpu_check.sh's summary, so the measured percentages sit beside what bounds them."""
+64 warps). tests/gpu_check.sh writes both into its summary (the bytes at the copy bandwidth it measured), so the
+measured percentages sit beside what bounds them."""
 
 from __future__ import annotations
 
@@ -100,12 +101,16 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bandwidth", type=float, default=4.0, help="copy bandwidth, TB/s (default 4.0: H200)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability of the Triton compile (default 90)")
+    parser.add_argument("--only", choices=("bytes", "kernels"), help="one of the two tables")
     args = parser.parse_args(argv)
-    print(f"#### Bytes and floors at {args.bandwidth} TB/s\n")
-    print(byte_table(args.bandwidth * 1e12))
+    if args.only != "kernels":
+        print(f"#### Bytes and floors at {args.bandwidth} TB/s\n")
+        print(byte_table(args.bandwidth * 1e12))
+    if args.only == "bytes":
+        return
     if os.environ.get("TRITON_INTERPRET") == "1":  # kernels defined for the interpreter: compile in a child
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        subprocess.run([sys.executable, "-m", "benchmarks.model", "--arch", str(args.arch), "--kernels-only"],
+        subprocess.run([sys.executable, "-m", "benchmarks.model", "--arch", str(args.arch), "--only", "kernels"],
                        env=env, check=True)
         return
     print_kernels(args.arch)
@@ -120,7 +125,4 @@ def print_kernels(arch: int) -> None:
 
 
 if __name__ == "__main__":
-    if "--kernels-only" in sys.argv:
-        print_kernels(int(sys.argv[sys.argv.index("--arch") + 1]))
-    else:
-        main()
+    main()

@@ -92,7 +92,8 @@ def per_call_tables(results: list[dict]) -> str:
                 ratio = "-" if provider.startswith("imm_") else f"{times[ours] / us:.2f}"
                 out.append(f"| {r['op']} {'x'.join(map(str, r['shape']))} | {provider} | {us:.1f} | "
                            f"{'-' if graph is None else f'{graph:.1f}'} | {ratio} |")
-        out.append(f"\nthreads: {rows[0]['threads']}; ours / it: the first imm_kernels provider's time over the row's")
+        out.append(f"\nthreads: {rows[0]['threads']}; ours / it: the op's first imm_kernels provider's time over this "
+                   "row's time")
     return "\n".join(out)
 
 
@@ -147,10 +148,10 @@ def main(argv=None) -> None:
         print(per_call_tables(per_call))
     if args.plot and results:
         plot(results, args.plot)
+        print(f"\nplot: {args.plot}")
     if args.merged:
         with open(args.merged, "w") as f:
             json.dump({"machine_info": machine, "results": results, "per_call": per_call}, f, indent=1)
-        print(f"\nplot: {args.plot}")
 
 
 if __name__ == "__main__":

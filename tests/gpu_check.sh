@@ -68,6 +68,12 @@ BUILD_SECONDS=$(($(date +%s) - start))
 BACKENDS=$("$PY" -c "import imm_kernels; print(', '.join(imm_kernels.available_backends('cuda')))" 2>&1)
 case "$BACKENDS" in *cuda*) ;; *) fail "built, but the cuda backend is unavailable: $BACKENDS" ;; esac
 
+# The model's Triton half (every kernel compiled for this GPU and its resources read: host work only) runs beside
+# the GPU stages; the summary prints it under the measured tables.
+MODEL_KERNELS="$WORK/gpu_check_model_kernels.md"
+timeout 400 nice -n 10 "$PY" -m benchmarks.model --only kernels --arch "$capability" >"$MODEL_KERNELS" 2>&1 &
+MODEL_PID=$!
+
 # Limits (seconds; 0 = none) that fit the whole check in about 9 minutes of an H200: a stage cut short still
 # reports what finished.
 TESTS_LIMIT=${IMM_TESTS_TIMEOUT_S:-170}  # the test stage
@@ -182,17 +188,19 @@ if [ ${#bench_json[@]} -gt 0 ]; then
     >"$WORK/gpu_check_benchmarks.md" 2>&1 || BENCH_STATUS=1
 fi
 
+wait "$MODEL_PID" || echo "gpu_check: the model's kernel table failed (see the summary)" >&2
+
 "$PY" - "$WORK" "$ARCH" "$BUILD_SECONDS" "$BACKENDS" "$NVCC" "$TESTS_STATUS" "$TRAIN_STATUS" "$BENCH_STATUS" \
-  "$SWEEP_STATUS" "$VARIANTS" "$TESTS_LOG" <<'EOF' >"$SUMMARY"
-import platform, re, subprocess, sys
+  "$SWEEP_STATUS" "$VARIANTS" "$TESTS_LOG" "$MODEL_KERNELS" <<'EOF' >"$SUMMARY"
+import json, platform, re, subprocess, sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import torch
 
 (report, arch, build_seconds, backends, nvcc, tests_status, train_status, bench_status, sweep_status, variants,
- tests_log) = sys.argv[1:]
-report, tests_log = Path(report), Path(tests_log)
+ tests_log, model_kernels) = sys.argv[1:]
+report, tests_log, model_kernels = Path(report), Path(tests_log), Path(model_kernels)
 
 
 def counts(*xmls: Path) -> str:
@@ -250,6 +258,17 @@ tables = report / "gpu_check_benchmarks.md"  # the report's tables
 if tables.exists():
     print("\n## Benchmarks\n")
     print(tables.read_text())
+# The model (benchmarks/model.py): the fewest bytes per case at the copy bandwidth measured here, and the Triton
+# kernels' registers, spills, vector widths and occupancy on this GPU.
+from benchmarks.model import byte_table
+
+merged = report / "merged.json"
+copies = [r["copy_gbps"] for r in json.loads(merged.read_text())["results"]] if merged.exists() else []
+print("\n## Model\n")
+if copies:
+    print(f"#### Bytes and floors at the copy bandwidth measured here, {max(copies) / 1e3:.2f} TB/s\n")
+    print(byte_table(max(copies) * 1e9))
+print(model_kernels.read_text() if model_kernels.exists() else "(no kernel table)")
 EOF
 # The files to commit: docs/benchmarks/<card>-<date>.{json,md} (the card's model in lower case, e.g. h200).
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | awk '{print tolower($NF)}' | tr -cd 'a-z0-9-')
