@@ -27,8 +27,9 @@ def kernel_matrix(kernel: str, sq: torch.Tensor, bandwidth: torch.Tensor, featur
         return torch.exp(-bandwidth * sq / features)
     d = _distance(sq)
     if kernel == "laplace":
-        # Flat at and below eps, gradient included at d == eps (where clamp would pass it), as in the native backends.
-        return torch.exp(-bandwidth * torch.where(d > eps, d, eps) / features)
+        # Flat at and below eps, gradient included at d == eps (where clamp would pass it), as in the native backends;
+        # a NaN distance stays NaN.
+        return torch.exp(-bandwidth * torch.where(d <= eps, eps, d) / features)
     return -d
 
 

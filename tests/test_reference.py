@@ -185,6 +185,16 @@ def test_laplace_gradient_is_zero_at_the_floor():
     assert t.grad.item() == 0.0 and r.grad.item() == 0.0
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("eps", [0.0, 1.0])
+def test_nan_input_gives_nan(kernel, eps):
+    """A NaN element makes its group's loss NaN, whatever the floor (no comparison may turn it into a number)."""
+    t = torch.tensor([[float("nan")], [0.5]], dtype=torch.float64)
+    r = torch.tensor([[1e-20], [0.25]], dtype=torch.float64)
+    loss = reference.mmd_loss(t, r, 1, kernel=kernel, bandwidth=1e-30, eps=eps, reduction="none")
+    assert loss[0].isnan() and loss[1].isfinite()
+
+
 HALF_SQRT2 = math.sqrt(0.5)
 # (schedule, t): (alpha_t, sigma_t) known exactly.
 ALPHA_SIGMA = {("fm", 0.25): (0.75, 0.25), ("fm", 1.0): (0.0, 1.0), ("cosine", 0.5): (HALF_SQRT2, HALF_SQRT2),
