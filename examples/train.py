@@ -1,4 +1,4 @@
-"""Reference IMM trainer (IMM_SPEC sections 1-4), with imm_kernels doing every IMM-specific op.
+"""Reference IMM trainer (docs/math.md sections 1-4), with imm_kernels doing every IMM-specific op.
 
     python examples/train.py --data checkerboard --out runs/checkerboard          # defaults: < 5 min on CPU
     python examples/train.py --out runs/checkerboard --resume                     # continue a stopped run
@@ -60,7 +60,7 @@ TRAINING_OPTIONS = {
     "time_embedding": (("s", "stride"), "s", "second time input of the network: s, or t - s (stride)"),
     "kernel": (("laplace", "rbf", "energy"), "laplace", "MMD kernel (the paper's: laplace)"),
     "estimator": (("v", "u"), "v", "MMD estimator: v (biased V-statistic, paper Eq. 67) or u (unbiased)"),
-    "k": (float, 10.0, "r(s, t): eta decrement (eta(T) - eta(eps_t)) / 2^k"),
+    "k": (float, 8.0, "r(s, t): eta decrement (eta(T) - eta(eps_t)) / 2^k"),
     "a": (float, 1.0, "time weight exponent a"),
     "b": (float, 5.0, "time weight offset b"),
     "iters": (int, 5000, "training steps; the learning rate decays to 0 over them (cosine)"),
@@ -168,7 +168,7 @@ def learning_rate(step: int, config: dict) -> float:
 
 
 def imm_loss(model, online, x, labels, generator: torch.Generator, config: dict, device) -> torch.Tensor:
-    """The IMM loss of one batch (IMM_SPEC section 4). model: the network (for the stop-gradient pass);
+    """The IMM loss of one batch (docs/math.md section 4). model: the network (for the stop-gradient pass);
     online: the same network, DDP-wrapped when distributed (for the pass with gradient)."""
     m = config["group_size"]
     groups = x.shape[0] // m

@@ -274,19 +274,37 @@ def test_flow_samplers_follow_the_ode(sampler, steps):
 
 def test_reproduction_smoke_writes_the_document(tmp_path):
     """The study at smoke size: every run trains and is scored, the document has the rows, figures and claims;
-    a second call reuses the logged runs instead of training again."""
+    a second call reuses the logged runs instead of training again. MNIST stays out (its classifier alone takes
+    minutes)."""
     doc, runs = tmp_path / "docs" / "REPRODUCTION.md", tmp_path / "runs"
-    run("reproduce.py", "--smoke", "--out", runs, "--doc", doc)
+    run("reproduce.py", "--smoke", "--mnist", "off", "--out", runs, "--doc", doc)
     text = doc.read_text()
-    for row in ("| IMM |", "| FM (Euler) |", "| FM (Heun) |", "| CT |", "| IMM, M = 1 |", "| IMM, M = 4 |"):
+    for row in ("| IMM |", "| IMM, cfg 1.5 |", "| FM (Euler) |", "| FM (Heun) |", "| CT |", "| IMM, M = 1 |",
+                "| IMM, M = 4 |"):
         assert row in text, row
     assert "## The paper's claims, tested here" in text and "IMM (M = 4) more stable than CT" in text
-    for figure in ("quality_checkerboard.png", "quality_digits.png", "sweep_losses.png"):
+    assert "Share of samples the classifier assigns to the class" in text
+    for figure in ("quality_checkerboard.png", "quality_digits.png", "sweep_losses.png", "samples_digits_grid_0.png",
+                   "samples_digits_grid_1.png"):
         assert (doc.parent / "reproduction" / figure).stat().st_size > 0, figure
     results = json.loads((doc.parent / "reproduction" / "results.json").read_text())["results"]
     assert len(results) == 9 and all(r["returncode"] == 0 and r["losses"] for r in results)
     assert all(math.isfinite(v) for r in results for row in r["scores"].values() for v in row.values())
     logs = sorted(runs.glob("*/train.out"))
     stamps = [log.stat().st_mtime_ns for log in logs]
-    run("reproduce.py", "--smoke", "--out", runs, "--doc", doc)
+    run("reproduce.py", "--smoke", "--mnist", "off", "--out", runs, "--doc", doc)
     assert [log.stat().st_mtime_ns for log in logs] == stamps  # nothing trained again
+
+
+def test_few_step_study_smoke_writes_the_document(tmp_path):
+    """The few-step ablation at toy size: its first variants train, are scored at 1/2/4/8 steps and measured
+    for dispersion, and the document has the table, the dispersion tables and the sample figures."""
+    doc, runs = tmp_path / "docs" / "few_step.md", tmp_path / "runs"
+    run("few_step.py", "--smoke", "--out", runs, "--doc", doc)
+    text = doc.read_text()
+    assert "| before |" in text and "| after |" in text and "| t \\ s |" in text
+    for figure in ("samples_before.png", "samples_after.png"):
+        assert (doc.parent / "few_step" / figure).stat().st_size > 0, figure
+    results = json.loads((doc.parent / "few_step" / "results.json").read_text())["results"]
+    assert len(results) == 2 and all(r["dispersion"] and r["scores"]["pushforward"].keys() == {"1", "2", "4", "8"}
+                                     for r in results)
