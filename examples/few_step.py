@@ -30,7 +30,7 @@ import data
 import imm_kernels
 import plots
 from common import SIGMA_DATA, cli, one_step
-from reproduce import ROOT, Row, Run, logged_result, run_all, wall_seconds
+from reproduce import ROOT, Row, Run, logged_result, ratio, run_all, wall_seconds
 from sample import generate
 
 STEPS = [1, 2, 4, 8]
@@ -113,7 +113,7 @@ def with_dispersion(result: dict, out: Path) -> dict:
 
 
 def ratios(results: list[dict], row: str, steps: int) -> list[float]:
-    return [r["scores"][row][str(steps)] / r["floor"] for r in results]
+    return [ratio(r, row, steps) for r in results]
 
 
 def cell(values: list[float]) -> str:
@@ -153,18 +153,16 @@ def write_document(results: list[dict], out: Path, doc: Path, command: str, seco
                          + " |")
         return lines
 
-    panels = {}
+    dataset = data.load("checkerboard")
     for name in ("before", "after"):
-        folder = out / by_variant[name][0]["run"]["name"]
-        state = checkpoint.load(folder)
-        dataset = data.load("checkerboard")
+        state = checkpoint.load(out / by_variant[name][0]["run"]["name"])
         model = checkpoint.build_model(state)
-        panels[name] = {}
+        panels = {}
         for n in STEPS:
             x = generate(model, state["config"], (2,), 5000, None, steps=n,
                          generator=torch.Generator().manual_seed(0), device="cpu")
-            panels[name][f"{name}, {n} step{'s' * (n > 1)}"] = data.to_data(x, dataset.shift, dataset.scale).numpy()
-        plots.samples("points", panels[name], figures / f"samples_{name}.png")
+            panels[f"{name}, {n} step{'s' * (n > 1)}"] = data.to_data(x, dataset.shift, dataset.scale).numpy()
+        plots.samples("points", panels, figures / f"samples_{name}.png")
 
     def pushforward(name):
         return [statistics.mean(ratios(by_variant[name], "pushforward", n)) for n in STEPS]
