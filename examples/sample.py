@@ -1,7 +1,8 @@
 """Few-step sampling from a checkpoint of train.py: IMM (docs/math.md section 5) and the baselines.
 
     python examples/sample.py --ckpt DIR --steps 2 --n 5000 --out samples.npy
-        [--sampler auto|pushforward|restart|euler|heun] [--grid auto|uniform|eta|edm] [--cfg W] [--label C] [--seed S]
+        [--sampler auto|pushforward|restart|euler|heun] [--grid auto|uniform|eta|edm] [--middle-eta E]
+        [--cfg W] [--label C] [--seed S]
 
 Samplers: pushforward (IMM's default) and restart (the multistep consistency sampler, ct's default) apply
 f_{s,t}; euler (fm's default) and heun integrate a flow-matching model's dx/dt = v, heun with two network
@@ -15,6 +16,7 @@ between steps, only the network runs in the training precision.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import numpy as np
@@ -32,17 +34,19 @@ METHOD_SAMPLERS = {"imm": ("pushforward", "restart"), "ct": ("restart", "pushfor
 SAMPLERS = ("auto", "pushforward", "restart", "euler", "heun")
 GRIDS = ("auto", "uniform", "eta", "edm")
 EDM_RHO = 7
-TWO_STEP_ETA = 1.4  # the paper's middle point for 2 steps (t = 0.583 on fm)
+# eta(t_1) of the 2-step grid's middle point t_1, by data kind: for images the paper's (found on CIFAR-10; t_1 = 0.583
+# on fm); for points the one found on the checkerboard (docs/few_step.md; t_1 = 0.375 on fm), where 1.4 is worse.
+TWO_STEP_ETA = {"images": 1.4, "points": 0.6}
 
 
-def time_grid(steps: int, grid: str, *, schedule: str, T: float, eps_t: float) -> torch.Tensor:
-    """Times t_N = T > ... > t_0 = eps_t, float64."""
+def time_grid(steps: int, grid: str, *, schedule: str, T: float, eps_t: float, middle_eta: float) -> torch.Tensor:
+    """Times t_N = T > ... > t_0 = eps_t, float64; middle_eta: eta(t_1) of the eta grid's 2-step middle point."""
     if grid == "uniform":
         return torch.linspace(T, eps_t, steps + 1, dtype=torch.float64)
     if grid == "eta":
         if steps > 2:
             raise ExampleError(f"--grid eta is defined for 1 or 2 steps; got --steps {steps}")
-        middle = [float(schedules.eta_inv(TWO_STEP_ETA, schedule))] if steps == 2 else []
+        middle = [float(schedules.eta_inv(middle_eta, schedule))] if steps == 2 else []
         return torch.tensor([T, *middle, eps_t], dtype=torch.float64)
     # edm: spaced in eta with rho = 7, dense near the data
     eta_max, eta_min = float(schedules.eta(T, schedule)), float(schedules.eta(eps_t, schedule))
@@ -75,11 +79,14 @@ def resolve_sampler(method: str, sampler: str, grid: str, steps: int) -> tuple[s
 
 @torch.no_grad()
 def generate(model, config: dict, sample_shape, n: int, labels: torch.Tensor | None, *, steps: int,
-             sampler: str = "auto", grid: str = "auto", guidance: float = 1.0,
+             sampler: str = "auto", grid: str = "auto", middle_eta: float | None = None, guidance: float = 1.0,
              generator: torch.Generator, device, batch: int = 4096) -> torch.Tensor:
     """n samples in model space, float64 on the CPU, generated `batch` at a time."""
     sampler, grid = resolve_sampler(config["method"], sampler, grid, steps)
-    times = time_grid(steps, grid, schedule=config["schedule"], T=config["T"], eps_t=config["eps_t"])
+    if middle_eta is None:
+        middle_eta = TWO_STEP_ETA["points" if len(sample_shape) == 1 else "images"]
+    times = time_grid(steps, grid, schedule=config["schedule"], T=config["T"], eps_t=config["eps_t"],
+                      middle_eta=middle_eta)
     chunks = []
     for start in range(0, n, batch):
         size = min(batch, n - start)
@@ -128,8 +135,11 @@ def parse_args(argv):
     parser.add_argument("--sampler", choices=SAMPLERS, default="auto",
                         help="auto (default): pushforward for imm, restart for ct, euler for fm")
     parser.add_argument("--grid", choices=GRIDS, default="auto",
-                        help="auto (default): uniform for fm; else eta for 1-2 steps (middle point at eta = 1.4), "
+                        help="auto (default): uniform for fm; else eta for 1-2 steps (see --middle-eta), "
                              "else edm (rho 7)")
+    parser.add_argument("--middle-eta", type=float,
+                        help=f"eta(t_1) of the eta grid's 2-step middle point t_1 (default: {TWO_STEP_ETA['points']} "
+                             f"for points, {TWO_STEP_ETA['images']} for images)")
     parser.add_argument("--cfg", type=float, default=1.0,
                         help="classifier-free guidance scale w (class-conditional models; 1 = no guidance)")
     parser.add_argument("--label", type=int, help="sample this class only (default: all classes equally)")
@@ -145,6 +155,8 @@ def parse_args(argv):
         parser.error(f"--out must name a .npy file; got {args.out!r}")
     if args.grid == "eta" and args.steps > 2:
         parser.error(f"--grid eta is defined for 1 or 2 steps; got --steps {args.steps}")
+    if args.middle_eta is not None and not (math.isfinite(args.middle_eta) and args.middle_eta > 0):
+        parser.error(f"--middle-eta must be a finite number > 0; got {args.middle_eta}")
     return args
 
 
@@ -162,7 +174,8 @@ def main(argv=None):
     model = checkpoint.build_model(state).to(device)
     labels = class_labels(args.n, num_classes, args.label)
     x = generate(model, config, tuple(info["sample_shape"]), args.n, labels, steps=args.steps, sampler=args.sampler,
-                 grid=args.grid, guidance=args.cfg, generator=torch.Generator().manual_seed(args.seed),
+                 grid=args.grid, middle_eta=args.middle_eta, guidance=args.cfg,
+                 generator=torch.Generator().manual_seed(args.seed),
                  device=device, batch=args.batch)
     samples = to_data(x, info["shift"], info["scale"]).float().numpy()
     out = Path(args.out)

@@ -183,6 +183,8 @@ def test_bad_arguments_fail_clearly(trained, tmp_path, capsys):
     assert_fails("sample", ["--ckpt", trained, "--out", tmp_path / "x.txt"], "must name a .npy file", capsys)
     assert_fails("sample", ["--ckpt", trained, "--steps", 4, "--grid", "eta", "--out", out],
                  "--grid eta is defined for 1 or 2 steps", capsys)
+    for bad in (0, -1, "nan"):
+        assert_fails("sample", ["--ckpt", trained, "--middle-eta", bad, "--out", out], "--middle-eta must be", capsys)
     assert_fails("sample", ["--ckpt", trained, "--cfg", 2, "--out", out], "need a class-conditional model", capsys)
     assert_fails("sample", ["--ckpt", trained, "--sampler", "euler", "--out", out],
                  "--sampler euler does not fit a model trained with --method imm", capsys)
@@ -270,6 +272,35 @@ def test_flow_samplers_follow_the_ode(sampler, steps):
     noise = 0.5 * torch.randn((64, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     expected = x0 + (noise - x0) * 0.006 / 0.994
     assert torch.allclose(x, expected, rtol=0, atol=2e-5)  # the network runs in float32
+
+
+class TimeRecorder(torch.nn.Module):
+    """A network that records the times t it is called at (from c_noise(t) = 1000 t) and outputs zeros."""
+
+    null_label = 0
+
+    def __init__(self):
+        super().__init__()
+        self.times = []
+
+    def forward(self, x_in, noise_t, noise_second, labels):
+        self.times.append(float(noise_t[0]) / 1000)
+        return torch.zeros_like(x_in)
+
+
+@pytest.mark.parametrize("shape,middle_eta,middle_t", [((2,), None, 0.375), ((1, 4, 4), None, 1.4 / 2.4),
+                                                       ((2,), 1.4, 1.4 / 2.4), ((1, 4, 4), 0.25, 0.2)])
+def test_two_step_middle_point(shape, middle_eta, middle_t):
+    """The 2-step pushforward's middle time: eta = 0.6 for points, 1.4 for images, or middle_eta (t = eta / (1 + eta)
+    on fm)."""
+    from sample import generate
+
+    model = TimeRecorder()
+    config = {"method": "imm", "schedule": "fm", "param": "simple_edm", "T": 0.994, "eps_t": 0.0,
+              "time_embedding": "s"}
+    generate(model, config, shape, 8, None, steps=2, middle_eta=middle_eta, generator=torch.Generator(),
+             device="cpu")
+    assert model.times == pytest.approx([0.994, middle_t], rel=1e-6)
 
 
 def test_reproduction_smoke_writes_the_document(tmp_path):
