@@ -1,6 +1,6 @@
 """Offline evaluation of sample files against the held-out split of the checkpoint's data set.
 
-    python examples/evaluate.py --ckpt DIR --samples s1.npy s2.npy [--classifier C.pt] [--n N]
+    python examples/evaluate.py --ckpt DIR --samples s1.npy s2.npy [--classifier C.pt] [--n N] [--sets S]
 
 Prints the metric table (see metrics.py for the metrics and the floor) and writes it to DIR/metrics.json.
 Labels of class-conditional samples are read from FILE.labels.npy beside each FILE.npy.
@@ -37,17 +37,21 @@ def main(argv=None):
     parser.add_argument("--ckpt", required=True, help="the train.py output folder the samples came from")
     parser.add_argument("--samples", nargs="+", required=True, help="FILE.npy written by sample.py")
     parser.add_argument("--classifier", help="classifier.pt of examples/classifier.py (image data)")
-    parser.add_argument("--n", type=int, help="samples per metric (default: the held-out split's size)")
+    parser.add_argument("--n", type=int, help="samples per set (default: the held-out split's size)")
+    parser.add_argument("--sets", type=int, default=1,
+                        help="score each file as the mean over this many disjoint sets of n samples, and the "
+                             "floor over as many sets of n training points (default: 1)")
     args = parser.parse_args(argv)
+    if args.sets < 1:
+        parser.error(f"--sets must be >= 1; got {args.sets}")
     state = checkpoint.load(args.ckpt)
     dataset = data.load(state["config"]["data"], image_size=state["config"]["image_size"])
     classifier = load_classifier(args.classifier, dataset) if args.classifier else None
     if dataset.kind == "images" and classifier is None:
         raise ExampleError("image metrics need --classifier (train one with examples/classifier.py)")
-    evaluator = metrics.Evaluator(dataset, n=args.n, classifier=classifier)
     sample_sets = {Path(p).stem: load_samples(Path(p)) for p in args.samples}
     try:
-        table = evaluator.table(sample_sets)
+        table = metrics.Evaluator(dataset, n=args.n, sets=args.sets, classifier=classifier).table(sample_sets)
     except ValueError as error:
         raise ExampleError(str(error)) from error
     report = {"step": state["step"], "data": state["config"]["data"], **table}

