@@ -6,6 +6,13 @@ IMM_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 IMM_VENV=${IMM_VENV:-$IMM_ROOT/.venv}
 progress() { echo "env.sh: $*" >&2; }  # pip runs quietly: say what each slow step is doing
 
+# One setup at a time per environment: two jobs reinstalling into one venv at once can leave a job without the
+# extension ("No module named imm_kernels._C"). Closing the descriptor at the end releases the lock.
+if command -v flock >/dev/null 2>&1; then
+  exec {IMM_SETUP_LOCK}>"$IMM_VENV.lock"
+  flock "$IMM_SETUP_LOCK"
+fi
+
 if [ ! -x "$IMM_VENV/bin/python" ]; then
   progress "creating the virtual environment $IMM_VENV"
   python3 -m venv "$IMM_VENV"
@@ -26,4 +33,5 @@ fi
 progress "building imm_kernels and its C++ extension into $IMM_VENV (editable install)"
 pip_install --no-build-isolation -e "$IMM_ROOT"
 "$PY" -c "import imm_kernels._C"  # fail here, with the import error, if the build made no extension
+if [ -n "${IMM_SETUP_LOCK:-}" ]; then exec {IMM_SETUP_LOCK}>&-; fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
