@@ -140,8 +140,8 @@ def middle_sweep(folder: Path, eval_samples: int, sets: int) -> dict:
     sweep = {}
     for middle_t in MIDDLE_T:
         middle_eta = float(schedules.eta(middle_t, config["schedule"]))
-        x = generate(model, config, (2,), evaluator.n * sets, None, steps=2, grid="eta", middle_eta=middle_eta,
-                     generator=torch.Generator().manual_seed(0), device="cpu")
+        x = generate(model, config, (2,), evaluator.samples_needed, None, steps=2, grid="eta",
+                     middle_eta=middle_eta, generator=torch.Generator().manual_seed(0), device="cpu")
         samples = data.to_data(x, dataset.shift, dataset.scale)
         sweep[str(middle_t)] = [m["SW"] / evaluator.floor["SW"] for m in evaluator.measure_sets(samples)]
     return sweep
@@ -252,6 +252,8 @@ def write_document(results: list[dict], floors: list[float], out: Path, doc: Pat
     before, after = pushforward("before"), pushforward("after")
     restart = [statistics.mean(ratios(by_variant[name], "restart", n))
                for name in ("before", "after") for n in STEPS[1:]]
+    # The mean of the single-set floors, and the floor every table divides by (SETS sets).
+    floor_mean, floor_used = statistics.mean(floors), results[0]["floor"]
     # The old main job sampled 2 steps through the paper's middle point.
     before[1] = statistics.mean(middle_mean("before", PAPER_MIDDLE_T))
     after_runs = by_variant["after"]
@@ -274,16 +276,15 @@ def write_document(results: list[dict], floors: list[float], out: Path, doc: Pat
         paper_middle=statistics.mean(middle_mean("after", PAPER_MIDDLE_T)),
         new_middle=statistics.mean(middle_mean("after", POINTS_MIDDLE_T)),
         sample_spread=statistics.mean(max(v) - min(v) for v in new_sets),
-        floor_sets=len(floors), floor_min=min(floors), floor_max=max(floors), floor_mean=statistics.mean(floors),
-        floor_std=statistics.pstdev(floors), floor_first=floors[0], floor_used=results[0]["floor"],
+        floor_sets=len(floors), floor_min=min(floors), floor_max=max(floors), floor_mean=floor_mean,
+        floor_std=statistics.pstdev(floors), floor_first=floors[0], floor_used=floor_used,
         check_new_then=MIDDLE_CHECK[POINTS_MIDDLE_T], check_paper_then=MIDDLE_CHECK[PAPER_MIDDLE_T],
-        check_new=MIDDLE_CHECK[POINTS_MIDDLE_T] * floors[0] / results[0]["floor"],
-        check_paper=MIDDLE_CHECK[PAPER_MIDDLE_T] * floors[0] / results[0]["floor"],
+        check_new=MIDDLE_CHECK[POINTS_MIDDLE_T] * floors[0] / floor_used,
+        check_paper=MIDDLE_CHECK[PAPER_MIDDLE_T] * floors[0] / floor_used,
         before_trend=("got worse with every added step" if all(b > a for a, b in zip(before, before[1:])) else
                       "did not get better with more steps"),
         restart_low=min(restart), restart_high=max(restart),
-        first_inflation=statistics.mean(floors) / floors[0],
-        used_inflation=statistics.mean(floors) / results[0]["floor"],
+        first_inflation=floor_mean / floors[0], used_inflation=floor_mean / floor_used,
         dispersion_before="\n".join(dispersion_table("before")),
         dispersion_after="\n".join(dispersion_table("after")))
     doc.write_text(text)

@@ -107,8 +107,8 @@ class Evaluator:
         self.kind, self.sets = dataset.kind, sets
         self.n = min(n or len(dataset.heldout), len(dataset.heldout), len(dataset.train) // sets)
         self.heldout = to_data(dataset.heldout[:self.n].double(), dataset.shift, dataset.scale)
-        reference = to_data(dataset.train[:sets * self.n].double(), dataset.shift, dataset.scale)
-        reference_labels = None if dataset.train_labels is None else dataset.train_labels[:sets * self.n]
+        reference = to_data(dataset.train[:self.samples_needed].double(), dataset.shift, dataset.scale)
+        reference_labels = None if dataset.train_labels is None else dataset.train_labels[:self.samples_needed]
         if self.kind == "points":
             generator = torch.Generator().manual_seed(seed)
             directions = torch.randn(PROJECTIONS, self.heldout.shape[1], generator=generator, dtype=torch.float64)
@@ -123,6 +123,11 @@ class Evaluator:
             self.heldout_features = classifier.features(self.heldout.float()).double().numpy()
         self.floor = self.measure(reference, reference_labels)
 
+    @property
+    def samples_needed(self) -> int:
+        """How many samples measure() scores: sets x n."""
+        return self.sets * self.n
+
     def measure(self, samples, labels=None) -> dict:
         """The metrics of sets x n samples (or more; labels: the classes they were generated for), each the
         mean over the sets; "classes" is the histogram over all of them."""
@@ -134,12 +139,11 @@ class Evaluator:
     def measure_sets(self, samples, labels=None) -> list[dict]:
         """The metrics of each of the sets (the first sets x n samples, n at a time)."""
         samples = torch.as_tensor(samples, dtype=torch.float64)
-        needed = self.sets * self.n
-        if samples.shape[1:] != self.heldout.shape[1:] or len(samples) < needed:
-            raise ValueError(f"need at least {needed} samples ({self.sets} set(s) of {self.n}) of shape "
-                             f"{tuple(self.heldout.shape[1:])}; got {tuple(samples.shape)}")
+        if samples.shape[1:] != self.heldout.shape[1:] or len(samples) < self.samples_needed:
+            raise ValueError(f"need at least {self.samples_needed} samples ({self.sets} set(s) of {self.n}) of "
+                             f"shape {tuple(self.heldout.shape[1:])}; got {tuple(samples.shape)}")
         return [self._measure_set(samples[i:i + self.n], None if labels is None else labels[i:i + self.n])
-                for i in range(0, needed, self.n)]
+                for i in range(0, self.samples_needed, self.n)]
 
     def _measure_set(self, samples: torch.Tensor, labels) -> dict:
         if self.kind == "points":

@@ -226,18 +226,17 @@ def score(run: Run, folder: Path) -> dict:
     dataset = data.load(config["data"], image_size=config["image_size"])
     classifier = load_classifier(run.classifier, dataset) if run.classifier else None
     evaluator = metrics.Evaluator(dataset, n=run.eval_samples, sets=run.sets, classifier=classifier)
-    samples_needed = evaluator.n * evaluator.sets
     metric = "SW" if dataset.kind == "points" else "FD"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = checkpoint.build_model(state).to(device)
-    labels = class_labels(samples_needed, info["num_classes"])
+    labels = class_labels(evaluator.samples_needed, info["num_classes"])
     scores, label_acc, nonfinite, grids = {}, {}, False, {}
     for index, row in enumerate(run.rows):
         scores[row.name], panels = {}, {}
         for nfe in run.nfes:
             if nfe % row.nfe_per_step:
                 continue  # Heun spends two evaluations per step: even NFE only
-            x = generate(model, config, tuple(info["sample_shape"]), samples_needed, labels,
+            x = generate(model, config, tuple(info["sample_shape"]), evaluator.samples_needed, labels,
                          steps=nfe // row.nfe_per_step, sampler=row.sampler, grid=row.grid, guidance=row.guidance,
                          generator=torch.Generator().manual_seed(0), device=device)
             if not torch.isfinite(x).all():
