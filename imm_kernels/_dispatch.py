@@ -9,6 +9,7 @@ import os
 from typing import Callable
 
 import torch
+from torch.autograd import forward_ad
 
 from . import _native
 
@@ -84,11 +85,77 @@ def implementation(op: str, backend: str) -> Callable:
     return _IMPLEMENTATIONS[(op, backend)]
 
 
+def transforming() -> bool:
+    """Whether a functorch transform (torch.func.grad, vjp, jvp, vmap, ...) or forward-mode AD is active: the
+    tensors may then be wrappers without storage, and the ops must go through their registered rules."""
+    return torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
+
+
+def _levels() -> list:
+    """The kinds of the active functorch levels, outermost first."""
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return []
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return [level.key() for level in retrieve_all_functorch_interpreters()]
+
+
+def grad_level_active() -> bool:
+    return torch._C._functorch.TransformType.Grad in _levels()
+
+
+def differentiable_backward(grad_output: torch.Tensor, inputs) -> bool:
+    """Whether a backward pass must give gradients that can be differentiated again: in forward mode (a jvp level
+    or forward-mode AD around it: torch.func.hessian, jacfwd of jacrev), or in reverse mode (grad mode on, as
+    create_graph=True sets it, something it depends on requires grad, and a grad level other than the one
+    running this backward is active: grad of grad, jacrev of jacrev). A lone torch.func.grad / vjp level always
+    runs its backward with grad mode on, though nothing differentiates the result again."""
+    if torch._C._functorch.peek_interpreter_stack() is None and forward_ad._current_level < 0:
+        if not torch.is_grad_enabled() or grad_output.requires_grad:  # the common cases, decided cheaply
+            return torch.is_grad_enabled()
+    levels = _levels()
+    grad, jvp = torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp
+    if jvp in levels or forward_ad._current_level >= 0:
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    if grad_output.requires_grad:
+        return True
+    if not any(x is not None and x.requires_grad for x in inputs):
+        return False
+    return not levels or levels.count(grad) - (levels[-1] == grad) > 0
+
+
+class Function(torch.autograd.Function):
+    """An autograd.Function with setup_context (as the functorch transforms need) and a cheaper apply: outside
+    the transforms, Function.apply binds the arguments to forward's signature with inspect on every call (about
+    10 us), which forwards without default arguments do not need."""
+
+    @classmethod
+    def run(cls, *args):
+        if torch._C._are_functorch_transforms_active():
+            return cls.apply(*args)
+        return super(torch.autograd.Function, cls).apply(*live(args))
+
+
+def saved_tensors(ctx) -> tuple:
+    """ctx.saved_tensors, unwrapped by live() where the forward ran under a functorch transform (ctx.transformed)."""
+    saved = ctx.saved_tensors
+    return live(saved) if ctx.transformed else saved
+
+
+def live(tensors) -> tuple:
+    """The tensors with wrappers of functorch levels that have ended (tensors saved under torch.func.vjp and read
+    by its pullback) replaced by what they wrap, as Function.apply does for its arguments."""
+    return tuple(torch._C._functorch.unwrap_if_dead(x) if isinstance(x, torch.Tensor) else x for x in tensors)
+
+
 def call(op: str, backend: str) -> Callable:
     """What to call for `op`: the backend's implementation itself in eager mode (no custom-op dispatch, which
-    costs more than a small kernel), the registered custom op while torch.compile traces or a dispatch mode
-    (make_fx, FakeTensorMode, a profiler, the tests' op counter) is active."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+    costs more than a small kernel), the registered custom op while torch.compile traces, a dispatch mode
+    (make_fx, FakeTensorMode, a profiler, the tests' op counter) or a functorch transform is active."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._functorch.peek_interpreter_stack() is not None):
         return _CUSTOM_OPS[op]
     return _IMPLEMENTATIONS.get((op, backend)) or implementation(op, backend)
 

@@ -98,6 +98,42 @@ def operand(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     return x, x.stride(0), layout[0], layout[1]
 
 
+def memory_order(x: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """x and others permuted (views, no copy) so that x's features are packed in memory order, when x is dense in
+    another order with the batch outermost (channels-last images): the kernels then read and write every row as
+    one run, and outputs made in that order and permuted back keep x's memory format. Otherwise as they are."""
+    if x.is_contiguous() or x.dim() < 3:
+        return (x, *others)
+    order = sorted(range(1, x.dim()), key=lambda dim: -x.stride(dim))
+    permuted = x.permute(0, *order)
+    if not permuted.is_contiguous():
+        return (x, *others)
+    return (permuted, *(y.permute(0, *order) for y in others))
+
+
+def restore_order(like: torch.Tensor, permuted: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out, made in the order of `permuted` (a memory_order view of like), in like's dimension order."""
+    if permuted is like:
+        return out
+    order = sorted(range(1, like.dim()), key=lambda dim: -like.stride(dim))
+    inverse = [0] * like.dim()
+    for position, dim in enumerate((0, *order)):
+        inverse[dim] = position
+    return out.permute(*inverse)
+
+
+def stacked(x: torch.Tensor, dim: int | None, n: int) -> torch.Tensor:
+    """A vmapped operand as one batch: (n, B, ...) from its batch dimension `dim` (or expanded when unbatched),
+    then (n B, ...)."""
+    x = x.movedim(dim, 0) if dim is not None else x.expand(n, *x.shape)
+    return x.reshape(n * x.shape[1], *x.shape[2:])
+
+
+def unstacked(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of stacked for an output: (n B, ...) -> (n, B, ...); an empty placeholder as it is."""
+    return x.view(n, -1, *x.shape[1:]) if x.numel() else x
+
+
 _COUNTERS: dict = {}
 
 

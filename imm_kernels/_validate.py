@@ -53,8 +53,10 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def checkable(x: torch.Tensor) -> bool:
-    """Whether the values of x can be inspected without a device sync or a graph break."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+    """Whether the values of x can be inspected without a device sync, a graph break or a functorch transform
+    (torch.vmap cannot branch on values)."""
+    return (x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and torch._C._functorch.peek_interpreter_stack() is None)
 
 
 def float_tensor(name: str, x) -> torch.Tensor:
@@ -76,6 +78,21 @@ def same_batch(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> No
         raise ValueError(f"{name_a} and {name_b} must be on the same device; got {a.device} and {b.device}")
 
 
+def matching_dtypes(name_a: str, a, name_b: str, b):
+    """(a, b) in one dtype. The autocast policy of every op: two float tensors of different dtypes run in the
+    wider one under torch.autocast (as ATen's elementwise ops promote there; the ops accumulate in float32 at
+    least, so they never downcast to autocast's dtype), and are refused outside it."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dtype == b.dtype:
+        return a, b
+    float_tensor(name_a, a)
+    float_tensor(name_b, b)
+    if not torch.is_autocast_enabled(a.device.type):
+        raise TypeError(f"{name_a} and {name_b} must have the same dtype; got {a.dtype} and {b.dtype} (under "
+                        "torch.autocast they run in the wider of the two)")
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype), b.to(dtype)
+
+
 def scalar_operand(name: str, value, count: int, what: str, device: torch.device, *, positive: bool):
     """A float, or a 0-d or (count,) float tensor on `device` -> (tensor or None, float value): what the native
     kernels read per group or per sample (common/problems.h ScalarArg). Tensor values are not checked here."""
@@ -89,7 +106,7 @@ def scalar_operand(name: str, value, count: int, what: str, device: torch.device
             raise ValueError(f"{name} must be on {device} like the inputs; got {value.device}")
         if value.dtype not in _NATIVE_SCALAR_DTYPES:  # float16 / bfloat16: rare, converted once here
             value = value.float()
-        return value.detach(), 0.0
+        return value, 0.0
     return None, real(name, value, positive=positive)
 
 

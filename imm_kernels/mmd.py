@@ -187,74 +187,327 @@ def _verified_cuda_backward(grad_output, y_t, y_r, saved, group_size, grad_t, gr
     return scaled(grad_t), scaled(grad_r)
 
 
-def _reference_gradients(ctx, grad_output, y_t, y_r):
-    """Differentiable gradients for create_graph=True (Hessian-vector products, gradient penalties): the
-    reference formulation's autograd, in O(G (2M)^2 D) memory."""
-    bandwidth_value, weight_value, group_size, kernel, estimator, eps, reduction, _ = ctx.options
-    bandwidth, weight = ctx.operands
-    wanted = [y for y, need in zip((y_t, y_r), ctx.needs_input_grad[:2]) if need]
-    with torch.enable_grad():
-        loss = reference.mmd_loss(y_t, y_r, group_size, kernel=kernel, estimator=estimator, eps=eps,
-                                  reduction=reduction,
-                                  bandwidth=bandwidth_value if bandwidth is None else bandwidth,
+# ---- Autograd: one set of formulas, two entry points ----
+# Eager calls apply _MMDLoss, an autograd.Function over the backend's implementation: the custom op's own dispatch
+# costs about 16 us a call on a CPU (2026-12-02), more than the whole kernel at small shapes. The same formulas are
+# registered on imm_kernels::mmd_forward itself (register_autograd, register_vmap), for callers of torch.ops,
+# torch.library.opcheck, and the functorch transforms, under which _dispatch.call hands out the custom op.
+# The loss is differentiable in every floating input: y_t and y_r from the saved coefficients (one backward kernel),
+# the weight from the per-group MMD (one forward kernel more, only when the weight requires grad), the bandwidth
+# from the input gradients (below, _bandwidth_gradient).
+
+
+def _op_arguments(y_t, y_r, bandwidth, weight, options):
+    """mmd_forward's arguments from _MMDLoss's: options = (bandwidth_value, weight_value, group_size, kernel,
+    estimator, eps, reduction, grad_t, grad_r, backend)."""
+    return (y_t, y_r, bandwidth, options[0], weight, options[1], *options[2:])
+
+
+def _setup(ctx, y_t, y_r, bandwidth, weight, options, output, needs) -> None:
+    """What both entry points keep for the gradients: needs = which of (y_t, y_r, bandwidth, weight) need one."""
+    saved = output[1]
+    if saved is not None:  # None: no input gradient was asked of the forward (only the weight needs one)
+        ctx.mark_non_differentiable(saved)
+    ctx.set_materialize_grads(False)  # no zeros for the saved state's gradient
+    ctx.save_for_backward(y_t, y_r, saved, bandwidth, weight)
+    ctx.transformed = _dispatch.transforming()
+    if ctx.transformed:  # forward mode may follow (jvp)
+        ctx.save_for_forward(y_t, y_r, saved, bandwidth, weight)
+    ctx.options, ctx.needs = options, needs
+
+
+
+def _group_scale(grad_output: Tensor, reduction: str, groups: int, dtype: torch.dtype) -> Tensor:
+    """d loss / d (weight * MMD) of each group: grad_output (0-d, or (G,) for reduction "none"), over G for "mean"."""
+    scale = grad_output.to(dtype)
+    return scale / groups if reduction == "mean" else scale
+
+
+def _per_group(tensor: Tensor | None, value: float, groups: int, like: Tensor, dtype: torch.dtype) -> Tensor:
+    return (torch.full((groups,), value, dtype=dtype, device=like.device) if tensor is None
+            else tensor.to(dtype).expand(groups))
+
+
+def _bandwidth_gradient(ctx, saved, grad_output: Tensor, grad_t: Tensor, grad_r: Tensor) -> Tensor:
+    """d loss / d bandwidth per group, (G,), from the input gradients grad_t, grad_r of the same grad_output.
+
+    The kernel depends on bw and d only through bw d (laplace) or bw d^2 (rbf), so bw dk/dbw = (d / p) dk/dd with
+    p = 1 or 2, and summed over a group's pairs (Euler's identity, d being homogeneous of degree 1 in the rows):
+    bw dL/dbw = (1 / p) sum over the group's 2M rows of <y - mean, grad y> (the group's mean subtracted, which
+    changes nothing since the gradients sum to 0, against cancellation). Pairs at d <= eps are flat in y but not in
+    bw (k = exp(-bw eps / D)): for the V-statistic's diagonal (d = 0) that term is added in closed form; distinct
+    rows closer than eps are left out (a term of relative size eps / D)."""
+    y_t, y_r, _, bandwidth, weight = saved
+    bandwidth_value, weight_value, group_size, kernel, estimator, eps, reduction, *_ = ctx.options
+    groups = y_t.shape[0] // group_size
+    acc = _validate.accumulation_dtype(y_t.dtype)
+    if kernel == "energy":  # no bandwidth in -d
+        return torch.zeros(groups, dtype=acc, device=y_t.device)
+    rows = [y.reshape(groups, group_size, -1).to(acc) for y in (y_t, y_r)]
+    mean = (rows[0].sum(1, keepdim=True) + rows[1].sum(1, keepdim=True)) / (2 * group_size)
+    dots = sum(((y - mean) * g.reshape(y.shape).to(acc)).sum((1, 2)) for y, g in zip(rows, (grad_t, grad_r)))
+    bw = _per_group(bandwidth, bandwidth_value, groups, y_t, acc)
+    grad = dots / ((1 if kernel == "laplace" else 2) * bw)
+    if kernel == "laplace" and estimator == "v" and eps > 0:
+        features = rows[0].shape[-1]
+        floor = torch.exp(-bw * eps / features) * (eps / features) * (2.0 / group_size)
+        scale = _group_scale(grad_output, reduction, groups, acc) * _per_group(weight, weight_value, groups, y_t, acc)
+        grad = grad - scale * floor
+    return grad
+
+
+def _weight_gradient(ctx, saved, grad_output: Tensor) -> Tensor:
+    """d loss / d weight per group, (G,): the unweighted per-group MMD (one more forward kernel) times the scale."""
+    y_t, y_r, _, bandwidth, _ = saved
+    bandwidth_value, _, group_size, kernel, estimator, eps, reduction, *_, backend = ctx.options
+    groups = y_t.shape[0] // group_size
+    acc = _validate.accumulation_dtype(y_t.dtype)
+    mmd = _dispatch.call("mmd_forward", backend)(y_t, y_r, bandwidth, bandwidth_value, None, 1.0, group_size, kernel,
+                                                 estimator, eps, "none", False, False, backend)[0]
+    return mmd.to(acc) * _group_scale(grad_output, reduction, groups, acc)
+
+
+def _gradient_parts(ctx, saved, grad_output: Tensor, needs) -> list:
+    """[grad y_t, grad y_r, per-group grad bandwidth, per-group grad weight] for grad_output, None where not in
+    needs. The input gradients come from one backward kernel with the forward's gradient flags (the bandwidth's
+    needs both)."""
+    y_t, y_r, state, bandwidth, weight = saved
+    options = ctx.options
+    group_size, grad_t, grad_r, backend = options[2], options[7], options[8], options[9]
+    need_t, need_r, need_bw, need_w = needs
+    if (need_t and not grad_t) or ((need_r or need_bw) and not grad_r) or (need_bw and not grad_t):
+        raise RuntimeError("mmd_forward: a gradient is wanted for an input whose grad flag was False: pass grad_t=True "
+                           "(y_t, bandwidth) and grad_r=True (y_r, bandwidth) to the forward op")
+    out_t = out_r = None
+    if need_t or need_r or need_bw:
+        out_t, out_r = _dispatch.call("mmd_backward", backend)(grad_output, y_t, y_r, state, group_size, grad_t,
+                                                               grad_r, backend)
+    return [out_t if need_t else None, out_r if need_r else None,
+            _bandwidth_gradient(ctx, saved, grad_output, out_t, out_r) if need_bw else None,
+            _weight_gradient(ctx, saved, grad_output) if need_w else None]
+
+
+def _summed_to(grad: Tensor | None, operand: Tensor | None) -> Tensor | None:
+    """A per-group gradient in the operand's dtype and shape (summed over the groups for a 0-d operand)."""
+    return None if grad is None else grad.to(operand.dtype).sum_to_size(operand.shape)
+
+
+def _reference_loss(ctx, saved, wanted):
+    """(the saved (y_t, y_r, bandwidth, weight), the reference formulation's loss as a function of those at the
+    indices `wanted`): for derivatives that must be differentiable again, in O(G (2M)^2 D) memory. torch.func.vjp
+    and jvp of it compose with autograd and with the functorch levels around them, also where the inputs do not
+    require grad at the level the derivative runs at."""
+    inputs = (saved[0], saved[1], saved[3], saved[4])
+    bandwidth_value, weight_value, group_size, kernel, estimator, eps, reduction, *_ = ctx.options
+
+    def loss(*variables):
+        y_t, y_r, bandwidth, weight = _replaced(inputs, wanted, variables)
+        return reference.mmd_loss(y_t, y_r, group_size, kernel=kernel, estimator=estimator, eps=eps,
+                                  reduction=reduction, bandwidth=bandwidth_value if bandwidth is None else bandwidth,
                                   weight=weight_value if weight is None else weight)
-        grads = iter(torch.autograd.grad(loss, wanted, grad_output, create_graph=True))
-    return [next(grads) if need else None for need in ctx.needs_input_grad[:2]]
+
+    return inputs, loss
 
 
-class _MMDLoss(torch.autograd.Function):
-    """Autograd of the two custom ops. options: mmd_forward's arguments after weight, without the gradient
-    flags: (bandwidth_value, weight_value, group_size, kernel, estimator, eps, reduction, backend), one argument
-    because Function.apply costs per argument."""
+def _reference_gradients(ctx, saved, grad_output: Tensor) -> list:
+    """Gradients that can be differentiated again (create_graph=True, torch.func.hessian)."""
+    wanted = [index for index, need in enumerate(ctx.needs) if need]
+    inputs, loss = _reference_loss(ctx, saved, wanted)
+    grads = iter(torch.func.vjp(loss, *(inputs[index] for index in wanted))[1](grad_output))
+    return [next(grads) if need else None for need in ctx.needs]
+
+
+def _replaced(values, indices, replacements) -> list:
+    """values with values[indices[k]] = replacements[k]."""
+    values = list(values)
+    for index, replacement in zip(indices, replacements):
+        values[index] = replacement
+    return values
+
+
+def _gradients(ctx, grad_output: Tensor) -> list:
+    """[grad y_t, grad y_r, grad bandwidth, grad weight], None for an input that needs none."""
+    if grad_output is None:  # the loss was not used
+        return [None] * 4
+    saved = _dispatch.saved_tensors(ctx)  # (y_t, y_r, forward state, bandwidth, weight)
+    if _dispatch.differentiable_backward(grad_output, saved):
+        return _reference_gradients(ctx, saved, grad_output)
+    if torch.is_grad_enabled():  # a lone torch.func.grad level runs backward with grad mode on: nothing to record
+        with torch.no_grad():
+            grads = _gradient_parts(ctx, saved, grad_output, ctx.needs)
+    else:
+        grads = _gradient_parts(ctx, saved, grad_output, ctx.needs)
+    return [*grads[:2], _summed_to(grads[2], saved[3]), _summed_to(grads[3], saved[4])]
+
+
+def _tangent(ctx, tangent_t, tangent_r, tangent_bw, tangent_w) -> Tensor:
+    """Forward mode: the loss's directional derivative, <gradient, tangent> from the gradients of a unit
+    grad_output (one per group for reduction "none"), group by group."""
+    tangents = (tangent_t, tangent_r, tangent_bw, tangent_w)
+    saved = _dispatch.saved_tensors(ctx)  # (y_t, y_r, forward state, bandwidth, weight)
+    y_t, y_r, _, bandwidth, weight = saved
+    if torch.is_grad_enabled() and (_dispatch.grad_level_active() or any(
+            x is not None and x.requires_grad for x in (y_t, y_r, bandwidth, weight))):
+        # Reverse mode may differentiate this tangent (torch.func.jacrev of jacfwd): the reference's.
+        wanted = [index for index, tangent in enumerate(tangents) if tangent is not None]
+        inputs, loss = _reference_loss(ctx, saved, wanted)
+        return torch.func.jvp(loss, tuple(inputs[i] for i in wanted), tuple(tangents[i] for i in wanted))[1]
+    group_size, reduction = ctx.options[2], ctx.options[6]
+    groups = y_t.shape[0] // group_size
+    acc = _validate.accumulation_dtype(y_t.dtype)
+    unit = torch.ones((groups,) if reduction == "none" else (), dtype=y_t.dtype, device=y_t.device)
+    parts = _gradient_parts(ctx, saved, unit, [t is not None for t in tangents])
+    total = torch.zeros(groups, dtype=acc, device=y_t.device)
+    for index, (part, tangent) in enumerate(zip(parts, tangents)):
+        if part is None:
+            continue
+        if index < 2:  # rows: summed per group
+            total = total + (part.to(acc) * tangent.to(acc)).reshape(groups, -1).sum(1)
+        else:  # per group
+            total = total + part * tangent.to(acc).expand(groups)
+    return (total if reduction == "none" else total.sum()).to(y_t.dtype)
+
+
+class _MMDLoss(_dispatch.Function):
+    """The eager entry point: mmd_forward's implementation with the formulas above. options: mmd_forward's
+    arguments after weight, bandwidth_value and weight_value first (see _op_arguments): one argument, because
+    Function.apply costs per argument. Under torch.vmap the forward and backward are vmapped through the custom
+    ops' batching rules (generate_vmap_rule)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, y_t, y_r, bandwidth, weight, options):
-        bandwidth_value, weight_value, group_size, kernel, estimator, eps, reduction, backend = options
-        grad_t, grad_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        out, saved = _dispatch.call("mmd_forward", backend)(
-            y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, group_size, kernel, estimator, eps,
-            reduction, grad_t, grad_r, backend)
-        ctx.save_for_backward(y_t, y_r, saved)
-        ctx.operands = bandwidth, weight  # detached constants, read only for gradients of gradients
-        ctx.options = options
-        return out
+    def forward(y_t, y_r, bandwidth, weight, options):
+        return _dispatch.call("mmd_forward", options[-1])(*_op_arguments(y_t, y_r, bandwidth, weight, options))
 
     @staticmethod
-    def backward(ctx, grad_output):
-        y_t, y_r, saved = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
-            grads = _reference_gradients(ctx, grad_output, y_t, y_r)
-        else:
-            options, needs = ctx.options, ctx.needs_input_grad
-            out_t, out_r = _dispatch.call("mmd_backward", options[7])(grad_output, y_t, y_r, saved, options[2],
-                                                                      needs[0], needs[1], options[7])
-            grads = (out_t if needs[0] else None, out_r if needs[1] else None)  # the custom op's are empty tensors
-        return grads[0], grads[1], None, None, None
+    def setup_context(ctx, inputs, output):
+        y_t, y_r, bandwidth, weight, options = inputs
+        _setup(ctx, y_t, y_r, bandwidth, weight, options, output, ctx.needs_input_grad[:4])
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_saved):
+        return (*_gradients(ctx, grad_output), None)
+
+    @staticmethod
+    def jvp(ctx, tangent_t, tangent_r, tangent_bw, tangent_w, _options):
+        return _tangent(ctx, tangent_t, tangent_r, tangent_bw, tangent_w), None
+
+
+def _op_setup_context(ctx, inputs, output):
+    y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, *rest = inputs
+    needs = ctx.needs_input_grad
+    _setup(ctx, y_t, y_r, bandwidth, weight, (bandwidth_value, weight_value, *rest), output,
+           (needs[0], needs[1], needs[2], needs[4]))
+
+
+def _op_backward(ctx, grad_output, _grad_saved):
+    grad_t, grad_r, grad_bw, grad_w = _gradients(ctx, grad_output)
+    return grad_t, grad_r, grad_bw, None, grad_w, *(None,) * 9
+
+
+torch.library.register_autograd("imm_kernels::mmd_forward", _op_backward, setup_context=_op_setup_context)
+
+
+# ---- torch.vmap: a batch of problems is one problem with n times the groups ----
+
+def _saves_gradients(backend: str) -> bool:
+    """Whether the forward's saved state is the gradients themselves (the GPU-verified CUDA kernels)."""
+    return backend == "cuda" and _dispatch.variant("IMM_CUDA_KERNELS") == "verified"
+
+
+def _per_problem_groups(tensor: Tensor | None, dim, n: int, groups: int) -> Tensor | None:
+    """A bandwidth / weight of each problem (0-d or (G,); batched along dim) as one value per merged group."""
+    if tensor is None:
+        return None
+    tensor = tensor.movedim(dim, 0) if dim is not None else tensor.expand(n, *tensor.shape)
+    return tensor.reshape(n, -1).expand(n, groups).reshape(n * groups)
+
+
+@torch.library.register_vmap("imm_kernels::mmd_forward")
+def _mmd_forward_vmap(info, in_dims, y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, group_size, kernel,
+                      estimator, eps, reduction, grad_t, grad_r, backend):
+    n = info.batch_size
+    y_t, y_r = _native.stacked(y_t, in_dims[0], n), _native.stacked(y_r, in_dims[1], n)
+    groups = y_t.shape[0] // (n * group_size)
+    acc = _validate.accumulation_dtype(y_t.dtype)
+    bandwidth = _per_problem_groups(bandwidth, in_dims[2], n, groups)
+    # Per-group losses of all problems at once; the mean's 1/G goes into the weight, as the kernels fold it into
+    # the saved coefficients, so the saved state is each problem's own.
+    weight = _per_problem_groups(weight, in_dims[4], n, groups)
+    weight = (torch.full((n * groups,), weight_value, dtype=acc, device=y_t.device) if weight is None
+              else weight.to(acc)) / (groups if reduction == "mean" else 1)
+    out, saved = torch.ops.imm_kernels.mmd_forward(y_t, y_r, bandwidth, bandwidth_value, weight, 0.0, group_size,
+                                                   kernel, estimator, eps, "none", grad_t, grad_r, backend)
+    losses = out.view(n, groups)
+    if reduction != "none":
+        losses = losses.sum(1, dtype=acc).to(out.dtype)
+    if not saved.numel():
+        return (losses, saved), (0, None)
+    if _saves_gradients(backend):  # (k, n B, ...)
+        return (losses, saved.view(saved.shape[0], n, -1, *saved.shape[2:])), (0, 1)
+    return (losses, saved.view(n, groups, *saved.shape[1:])), (0, 0)
+
+
+@torch.library.register_vmap("imm_kernels::mmd_backward")
+def _mmd_backward_vmap(info, in_dims, grad_output, y_t, y_r, saved, group_size, grad_t, grad_r, backend):
+    n = info.batch_size
+    y_t, y_r = _native.stacked(y_t, in_dims[1], n), _native.stacked(y_r, in_dims[2], n)
+    rows = y_t.shape[0] // n
+    groups = rows // group_size
+    grad_output = grad_output.movedim(in_dims[0], 0) if in_dims[0] is not None else grad_output.expand(
+        n, *grad_output.shape)
+    grad_output = grad_output.reshape(n, -1).expand(n, groups).reshape(n * groups)  # one scale per merged group
+    if _saves_gradients(backend):
+        saved = saved.movedim(in_dims[3], 1) if in_dims[3] is not None else saved.unsqueeze(1).expand(
+            saved.shape[0], n, *saved.shape[1:])
+        saved = saved.reshape(saved.shape[0], n * rows, *saved.shape[3:])
+    else:
+        saved = _native.stacked(saved, in_dims[3], n)
+    out_t, out_r = torch.ops.imm_kernels.mmd_backward(grad_output, y_t, y_r, saved, group_size, grad_t, grad_r,
+                                                      backend)
+    return tuple(_native.unstacked(g, n) for g in (out_t, out_r)), tuple(0 if g.numel() else None
+                                                                        for g in (out_t, out_r))
 
 
 def mmd_loss(y_t: Tensor, y_r: Tensor, group_size: int, *, kernel: str = "laplace", bandwidth=1.0, weight=None,
              estimator: str = "v", eps: float = 1e-8, reduction: str = "mean", backend: str = "auto") -> Tensor:
     """Grouped MMD between y_t and y_r (docs/math.md section 4).
 
-    y_t, y_r: (B, ...) of one shape, dtype and device; B = G * group_size, groups are consecutive rows and
-    features are flattened to D. kernel: "laplace" exp(-bw max(d, eps) / D), "rbf" exp(-bw d^2 / D) or
-    "energy" -d (no bandwidth), d the Euclidean distance of two rows; the gradient at d = 0 is 0.
-    bandwidth, weight: floats or (G,) tensors (constants: no gradient flows to them); weight None means 1.
+    y_t, y_r: (B, ...) of one shape and device; B = G * group_size, groups are consecutive rows and features
+    are flattened to D. kernel: "laplace" exp(-bw max(d, eps) / D), "rbf" exp(-bw d^2 / D) or "energy" -d (no
+    bandwidth), d the Euclidean distance of two rows; the gradient at d = 0 is 0.
+    bandwidth, weight: floats or 0-d / (G,) tensors; weight None means 1.
     estimator: "v" (the full M x M, paper Eq. 67) or "u" (self terms without i = j, over M (M - 1)).
     reduction: "mean" over groups, "sum", or "none" for the (G,) per-group losses.
     backend: "auto", "reference", "cpu", "triton" or "cuda". Output and gradients are in the input dtype,
-    accumulated in float32 (float64 for float64 inputs). Gradients of gradients (create_graph=True) come from
-    the reference formulation.
+    accumulated in float32 (float64 for float64 inputs); inputs of two dtypes run in the wider one under
+    torch.autocast and are refused outside it.
+
+    Differentiable in y_t, y_r, a bandwidth tensor and a weight tensor (whichever require grad), also under
+    torch.func (grad, vjp, jvp, vmap). Gradients of gradients (create_graph=True) come from the reference
+    formulation. The bandwidth's gradient leaves out distinct rows closer than eps (a term of relative size
+    eps / D).
     """
+    y_t, y_r = _validate.matching_dtypes("y_t", y_t, "y_r", y_r)
     _, bw, bw_value, w, w_value, eps = _validate.mmd_options(y_t, y_r, group_size, kernel, bandwidth, weight,
                                                              estimator, eps, reduction)
     backend = _dispatch.resolve("mmd", backend, y_t.device)
     if backend == "reference":
         return reference.mmd_loss(y_t, y_r, group_size, kernel=kernel, bandwidth=bandwidth, weight=weight,
                                   estimator=estimator, eps=eps, reduction=reduction)
-    if torch.is_grad_enabled() and (y_t.requires_grad or y_r.requires_grad):
-        return _MMDLoss.apply(y_t, y_r, bw, w, (bw_value, w_value, group_size, kernel, estimator, eps, reduction,
-                                                backend))
+    y_t, y_r = _native.memory_order(y_t, y_r)
+    transforming = _dispatch.transforming()
+    learned_bandwidth = bw is not None and bw.requires_grad
+    if transforming or torch.is_grad_enabled() and (y_t.requires_grad or y_r.requires_grad or learned_bandwidth
+                                                    or (w is not None and w.requires_grad)):
+        # The gradient flags of the forward op: the bandwidth's gradient needs both sides' (_bandwidth_gradient).
+        grad_t = transforming or y_t.requires_grad or learned_bandwidth
+        grad_r = transforming or y_r.requires_grad or learned_bandwidth
+        options = (bw_value, w_value, group_size, kernel, estimator, eps, reduction, grad_t, grad_r, backend)
+        if torch.compiler.is_compiling():  # the op with its registered autograd (Dynamo refuses a Function's jvp)
+            return torch.ops.imm_kernels.mmd_forward(*_op_arguments(y_t, y_r, bw, w, options))[0]
+        return _MMDLoss.run(y_t, y_r, bw, w, options)[0]
     return _dispatch.call("mmd_forward", backend)(y_t, y_r, bw, bw_value, w, w_value, group_size, kernel, estimator,
                                                   eps, reduction, False, False, backend)[0]
 

@@ -30,12 +30,13 @@ def kernel_matrix(kernel: str, sq: torch.Tensor, bandwidth: torch.Tensor, featur
         # Flat at and below eps, gradient included at d == eps (where clamp would pass it), as in the native backends;
         # a NaN distance stays NaN.
         return torch.exp(-bandwidth * torch.where(d <= eps, eps, d) / features)
-    return -d
+    return -d + 0 * bandwidth  # no bandwidth in -d: a bandwidth that requires grad gets a zero gradient, not None
 
 
 def mmd_loss(y_t, y_r, group_size, *, kernel="laplace", bandwidth=1.0, weight=None, estimator="v", eps=1e-8,
              reduction="mean"):
     """Grouped MMD of docs/math.md section 4; same arguments and semantics as imm_kernels.mmd_loss."""
+    y_t, y_r = _validate.matching_dtypes("y_t", y_t, "y_r", y_r)
     g, bw, bw_value, w, w_value, eps = _validate.mmd_options(y_t, y_r, group_size, kernel, bandwidth, weight,
                                                              estimator, eps, reduction)
     _validate.positive_values("bandwidth", bw, "group")

@@ -44,6 +44,7 @@ COMBINE_CPU = ("tests/test_interpolant.py", "-k", "cpu-cpu")
 COMBINE_TRITON = ("tests/test_interpolant.py", "-k", "cpu-triton")
 MMD_AND_COMBINE_CPU = ("tests/test_mmd.py", "tests/test_interpolant.py", "-k", "cpu-cpu")
 IMM = ("tests/test_imm.py",)
+PYTORCH_CPU = ("tests/test_pytorch.py", "-k", "cpu-cpu")
 REFERENCE = ("tests/test_reference.py",)
 CUDA_MMD = ("tests/test_mmd.py", "-k", "cuda-cuda")
 CUDA_COMBINE = ("tests/test_interpolant.py", "-k", "cuda-cuda")
@@ -170,10 +171,40 @@ MUTANTS = [
            "reference interpolate: sigma_t times x, not noise"),
     Mutant("imm_kernels/_native.py", "return x, x.stride(0), layout[0], layout[1]",
            "return x, x.stride(0), 1, layout[1]", COMBINE_CPU, "operand: a single feature stride read as 1"),
-    Mutant("imm_kernels/mmd.py", "return grads[0], grads[1], None, None, None",
-           "return grads[1], grads[0], None, None, None", MMD_CPU, "autograd: the two gradients swapped"),
-    Mutant("imm_kernels/interpolant.py", "outputs, not transpose, need0, need1", "outputs, transpose, need0, need1",
+    Mutant("imm_kernels/mmd.py", "return [out_t if need_t else None, out_r if need_r else None,",
+           "return [out_r if need_t else None, out_t if need_r else None,", MMD_CPU,
+           "autograd: the two gradients swapped"),
+    Mutant("imm_kernels/interpolant.py", "kind, outputs, not transpose, schedule", "kind, outputs, transpose, schedule",
            COMBINE_CPU, "autograd: the backward runs the forward map"),
+    # Gradients of every input, torch.func, autocast and layouts (tests/test_pytorch.py).
+    Mutant("imm_kernels/mmd.py", "(1 if kernel == \"laplace\" else 2) * bw", "(1 if kernel == \"laplace\" else 1) * bw",
+           PYTORCH_CPU, "bandwidth gradient: rbf's bw d^2 taken as degree 1"),
+    Mutant("imm_kernels/mmd.py", "grad = grad - scale * floor", "grad = grad", PYTORCH_CPU,
+           "bandwidth gradient: the V-statistic diagonal's eps-floor term left out"),
+    Mutant("imm_kernels/mmd.py", "return scale / groups if reduction == \"mean\" else scale", "return scale",
+           PYTORCH_CPU, "weight gradient: the mean's 1/G left out"),
+    Mutant("imm_kernels/mmd.py", "total = total + part * tangent.to(acc).expand(groups)", "total = total + part",
+           PYTORCH_CPU, "jvp: the per-group tangents of bandwidth and weight ignored"),
+    Mutant("imm_kernels/mmd.py", "else weight.to(acc)) / (groups if reduction == \"mean\" else 1)",
+           "else weight.to(acc))", PYTORCH_CPU, "vmap: the mean taken as a sum over each problem's groups"),
+    Mutant("imm_kernels/interpolant.py", "total = total + derivative.to(acc) * product",
+           "total = total - derivative.to(acc) * product", PYTORCH_CPU, "time gradient: the sign"),
+    Mutant("imm_kernels/interpolant.py", "[[per_coefficient[o * 2 + i][k] for i in range(2)]",
+           "[[per_coefficient[o * 2 + i][1 - k] for i in range(2)]", PYTORCH_CPU,
+           "time derivatives: each time gets the other's"),
+    Mutant("imm_kernels/interpolant.py", "term = _rows((derivative * tangent.double())",
+           "term = _rows((derivative * tangent.double().flip(0))", PYTORCH_CPU, "jvp: time tangents of other samples"),
+    Mutant("imm_kernels/interpolant.py", "return time.reshape(n, -1).expand(n, rows).reshape(n * rows)",
+           "return time.reshape(n, -1)[:1].expand(n, rows).reshape(n * rows)", PYTORCH_CPU,
+           "vmap: every problem with the first problem's times"),
+    Mutant("imm_kernels/_native.py", "return x.view(n, -1, *x.shape[1:]) if x.numel() else x",
+           "return x.view(-1, n, *x.shape[1:]).transpose(0, 1) if x.numel() else x", PYTORCH_CPU,
+           "vmap: the problems' rows interleaved"),
+    Mutant("imm_kernels/_validate.py", "dtype = torch.promote_types(a.dtype, b.dtype)", "dtype = a.dtype", PYTORCH_CPU,
+           "autocast: mixed inputs run in the first one's dtype"),
+    Mutant("imm_kernels/_native.py", "for position, dim in enumerate((0, *order)):\n        inverse[dim] = position",
+           "for position, dim in enumerate((0, *order)):\n        inverse[position] = dim", PYTORCH_CPU,
+           "channels-last: the outputs permuted back the wrong way"),
     # The Triton kernels (run by the interpreter).
     Mutant(TRITON_MMD, "-t_minus_r_j * (w + z)", "t_minus_r_j * (w + z)", MMD_TRITON,
            "pass 1: the sign of the y_r side's delta"),
