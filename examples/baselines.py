@@ -18,7 +18,7 @@ import math
 import torch
 
 import imm_kernels
-from common import SIGMA_DATA, autocast, drop_labels, one_step, velocity
+from common import SIGMA_DATA, autocast, drop_labels, imm_generator, velocity
 from imm_kernels import imm
 
 # Improved CT's pseudo-Huber constant c = 0.00054 sqrt(D), chosen there for images in [-1, 1]; used as is for
@@ -59,9 +59,9 @@ def ct_loss(model, online, x, labels, generator: torch.Generator, config: dict, 
     x, eps, s, r, t = (v.to(device) for v in (x, eps, s, r, t))
     x_t, x_r = imm_kernels.interpolate_pair(x, eps, t, r, schedule=config["schedule"])
     with autocast(config, device):
-        y_t = one_step(online, x_t, s, t, labels, config=config)
+        y_t = imm_generator(online, config)(x_t, s, t, labels)
         with torch.no_grad():
-            y_r = one_step(model, x_r, s, r, labels, config=config)
+            y_r = imm_generator(model, config)(x_r, s, r, labels)
     squared = ((y_t.float() - y_r.float()) ** 2).flatten(1).sum(1)
     c = PSEUDO_HUBER_PER_SQRT_D * math.sqrt(y_t[0].numel())
     return (torch.sqrt(squared + c * c) - c).mean()

@@ -1,6 +1,6 @@
-"""What every example script shares: the error users see, the CLI wrapper that prints it, the IMM one-step
-map f_{s,t} and the flow-matching velocity built from a network (used by training and by the samplers alike),
-and the training precision and label dropout of every training objective."""
+"""What every example script shares: the error users see, the CLI wrapper that prints it, the IMMGenerator of a
+run (f_{s,t}, the IMM loss and samplers) and the flow-matching velocity built from a network, and the training
+precision and the baselines' label dropout."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import sys
 
 import torch
 
-import imm_kernels
-from imm_kernels import imm
+from imm_kernels import IMMGenerator
 
 SIGMA_DATA = 0.5  # docs/math.md section 1: prior noise eps ~ N(0, sigma_d^2), data scaled to match
 
@@ -34,42 +33,16 @@ def cli(main):
     return wrapper
 
 
-def c_noise(t: torch.Tensor) -> torch.Tensor:
-    """The network's time input, 1000 t (docs/math.md section 3)."""
-    return 1000 * t
-
-
-def network_output(model, x_t, s, t, labels, *, config: dict, guidance: float = 1.0) -> torch.Tensor:
-    """G_theta(c_in(t) x_t, c_noise(s or t - s), c_noise(t)) as float32 of x_t's shape.
-
-    s, t: (B,) times. labels: (B,) class indices (the null class for "unconditional") or None.
-    guidance: classifier-free guidance G_u + w (G_c - G_u); w = 1 is the plain conditional output.
-    """
-    schedule = config["schedule"]
-    scale = imm.c_in(t.double(), schedule=schedule, sigma_data=SIGMA_DATA).to(torch.float32)
-    x_in = x_t.to(torch.float32) * scale.view(-1, *([1] * (x_t.dim() - 1)))
-    second = s if config["time_embedding"] == "s" else t - s
-    noise_t, noise_second = c_noise(t.to(torch.float32)), c_noise(second.to(torch.float32))
-    if labels is None or guidance == 1.0:
-        return model(x_in, noise_t, noise_second, labels).float()
-    # Conditional and unconditional halves in one batch.
-    null = torch.full_like(labels, model.null_label)
-    g_cond, g_uncond = model(torch.cat([x_in, x_in]), torch.cat([noise_t, noise_t]),
-                             torch.cat([noise_second, noise_second]), torch.cat([labels, null])).float().chunk(2)
-    return g_uncond + guidance * (g_cond - g_uncond)
-
-
-def one_step(model, x_t, s, t, labels, *, config: dict, guidance: float = 1.0) -> torch.Tensor:
-    """f_{s,t}(x_t) in x_t's dtype (float64 for the samplers' state, float32 in training)."""
-    g = network_output(model, x_t, s, t, labels, config=config, guidance=guidance).to(x_t.dtype)
-    return imm_kernels.imm_output(x_t, g, s, t, schedule=config["schedule"], param=config["param"],
-                                  sigma_data=SIGMA_DATA)
+def imm_generator(model, config: dict) -> IMMGenerator:
+    """The IMM map f_{s,t} around `model` with the run's parameterisation (its loss and samplers come with it)."""
+    return IMMGenerator(model, schedule=config["schedule"], param=config["param"], sigma_data=SIGMA_DATA,
+                        time_embedding=config["time_embedding"], eps_t=config["eps_t"], T=config["T"])
 
 
 def velocity(model, x_t, t, labels, *, config: dict, guidance: float = 1.0) -> torch.Tensor:
     """The flow-matching baseline's v(x_t, t) = sigma_d G(x_t, t, t), in x_t's dtype: the same network with
     s = t (it has no second time), trained to regress the fm path's velocity eps - x."""
-    g = network_output(model, x_t, t, t, labels, config=config, guidance=guidance)
+    g = imm_generator(model, config).network_output(x_t, t, t, labels, guidance=guidance)
     return (SIGMA_DATA * g).to(x_t.dtype)
 
 

@@ -31,7 +31,7 @@ import data
 import imm_kernels
 import metrics
 import plots
-from common import SIGMA_DATA, cli, one_step
+from common import SIGMA_DATA, cli, imm_generator
 from imm_kernels import schedules
 from reproduce import ROOT, Row, Run, add_jobs_option, logged_training, ratio, run_all, wall_seconds
 from sample import TWO_STEP_ETA, generate
@@ -119,10 +119,10 @@ def dispersion(folder: Path) -> dict:
     def marginal(time):
         return imm_kernels.interpolate(x, noise, full(time), schedule=config["schedule"])
 
-    table = {}
+    table, gen = {}, imm_generator(model, config)
     for t in DISPERSION_T:
         x_t = marginal(t)
-        table[str(t)] = {str(s): float((one_step(model, x_t, full(s), full(t), None, config=config).std(0)
+        table[str(t)] = {str(s): float((gen(x_t, full(s), full(t)).std(0)
                                         / marginal(s).std(0)).mean()) for s in DISPERSION_S if s < t}
     return table
 

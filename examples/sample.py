@@ -23,38 +23,18 @@ import numpy as np
 import torch
 
 import checkpoint
-import imm_kernels
 import plots
-from common import SIGMA_DATA, ExampleError, cli, one_step, resolve_device, velocity
+from common import SIGMA_DATA, ExampleError, cli, imm_generator, resolve_device, velocity
 from data import to_data
-from imm_kernels import schedules
+from imm_kernels import time_grid
 
 # Which samplers fit which training method (train.py --method), the first being its default.
 METHOD_SAMPLERS = {"imm": ("pushforward", "restart"), "ct": ("restart", "pushforward"), "fm": ("euler", "heun")}
 SAMPLERS = ("auto", "pushforward", "restart", "euler", "heun")
 GRIDS = ("auto", "uniform", "eta", "edm")
-EDM_RHO = 7
 # eta(t_1) of the 2-step grid's middle point t_1, by data kind: for images the paper's (found on CIFAR-10; t_1 = 0.583
 # on fm); for points the one found on the checkerboard (docs/few_step.md; t_1 = 0.375 on fm), where 1.4 is worse.
 TWO_STEP_ETA = {"images": 1.4, "points": 0.6}
-
-
-def time_grid(steps: int, grid: str, *, schedule: str, T: float, eps_t: float, middle_eta: float) -> torch.Tensor:
-    """Times t_N = T > ... > t_0 = eps_t, float64; middle_eta: eta(t_1) of the eta grid's 2-step middle point."""
-    if grid == "uniform":
-        return torch.linspace(T, eps_t, steps + 1, dtype=torch.float64)
-    if grid == "eta":
-        if steps > 2:
-            raise ExampleError(f"--grid eta is defined for 1 or 2 steps; got --steps {steps}")
-        middle = [float(schedules.eta_inv(middle_eta, schedule))] if steps == 2 else []
-        return torch.tensor([T, *middle, eps_t], dtype=torch.float64)
-    # edm: spaced in eta with rho = 7, dense near the data
-    eta_max, eta_min = float(schedules.eta(T, schedule)), float(schedules.eta(eps_t, schedule))
-    fraction = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
-    etas = (eta_max ** (1 / EDM_RHO) + fraction * (eta_min ** (1 / EDM_RHO) - eta_max ** (1 / EDM_RHO))) ** EDM_RHO
-    grid_times = schedules.eta_inv(etas, schedule)
-    grid_times[0], grid_times[-1] = T, eps_t  # exact ends despite rounding
-    return grid_times
 
 
 def class_labels(n: int, num_classes: int, label: int | None = None) -> torch.Tensor | None:
@@ -81,49 +61,41 @@ def resolve_sampler(method: str, sampler: str, grid: str, steps: int) -> tuple[s
 def generate(model, config: dict, sample_shape, n: int, labels: torch.Tensor | None, *, steps: int,
              sampler: str = "auto", grid: str = "auto", middle_eta: float | None = None, guidance: float = 1.0,
              generator: torch.Generator, device, batch: int = 4096) -> torch.Tensor:
-    """n samples in model space, float64 on the CPU, generated `batch` at a time."""
+    """n samples in model space, float64 on the CPU, generated `batch` at a time: IMMGenerator.sample for the
+    IMM samplers (pushforward, restart), the flow-matching ODE for euler and heun."""
     sampler, grid = resolve_sampler(config["method"], sampler, grid, steps)
     if middle_eta is None:
         middle_eta = TWO_STEP_ETA["points" if len(sample_shape) == 1 else "images"]
-    times = time_grid(steps, grid, schedule=config["schedule"], T=config["T"], eps_t=config["eps_t"],
-                      middle_eta=middle_eta)
+    if sampler in ("pushforward", "restart"):
+        return imm_generator(model, config).sample(
+            n, sample_shape, steps=steps, sampler=sampler, grid=grid, middle_eta=middle_eta, labels=labels,
+            guidance=guidance, generator=generator, device=device, batch=batch).cpu()
+    times = time_grid(steps, grid, schedule=config["schedule"], T=config["T"], eps_t=config["eps_t"])
     chunks = []
     for start in range(0, n, batch):
         size = min(batch, n - start)
         chunk_labels = None if labels is None else labels[start:start + size].to(device)
-        chunks.append(_sample_chunk(model, config, sample_shape, chunk_labels, size, times, sampler=sampler,
-                                    guidance=guidance, generator=generator, device=device).cpu())
+        noise = SIGMA_DATA * torch.randn((size, *sample_shape), generator=generator, dtype=torch.float64)
+        chunks.append(_integrate(model, config, noise.to(device), chunk_labels, times, sampler=sampler,
+                                 guidance=guidance).cpu())
     return torch.cat(chunks)
 
 
-@torch.no_grad()
-def _sample_chunk(model, config: dict, sample_shape, labels, n: int, times: torch.Tensor, *, sampler: str,
-                 guidance: float, generator: torch.Generator, device) -> torch.Tensor:
-    """n samples in model space, float64 (on `device`), from pure noise at times[0] = T."""
-    schedule, eps_t = config["schedule"], float(times[-1])
-
-    def noise():  # drawn on the CPU generator, so a seed gives the same samples on every device
-        return (SIGMA_DATA * torch.randn((n, *sample_shape), generator=generator, dtype=torch.float64)).to(device)
-
-    def full(value):
-        return torch.full((n,), float(value), dtype=torch.float64, device=device)
+def _integrate(model, config: dict, x: torch.Tensor, labels, times: torch.Tensor, *, sampler: str,
+               guidance: float) -> torch.Tensor:
+    """The flow-matching baseline's ODE dx/dt = v from times[0] = T to times[-1]: Euler steps, or Heun's (the
+    Euler step's slope averaged with the slope where it lands), in x's float64."""
 
     def v(x, t):
-        return velocity(model, x, full(t), labels, config=config, guidance=guidance)
+        return velocity(model, x, torch.full((len(x),), float(t), dtype=torch.float64, device=x.device), labels,
+                        config=config, guidance=guidance)
 
-    x = noise()
     for t, s in zip(times[:-1], times[1:]):
-        if sampler == "pushforward":
-            x = one_step(model, x, full(s), full(t), labels, config=config, guidance=guidance)
-        elif sampler == "euler":
+        if sampler == "euler":
             x = x + (s - t) * v(x, t)
-        elif sampler == "heun":  # the Euler step's slope averaged with the slope where it lands
+        else:
             slope = v(x, t)
             x = x + (s - t) * 0.5 * (slope + v(x + (s - t) * slope, s))
-        else:  # restart: jump to eps_t, then re-noise with fresh eps to s
-            x = one_step(model, x, full(eps_t), full(t), labels, config=config, guidance=guidance)
-            if float(s) > eps_t:
-                x = imm_kernels.interpolate(x, noise(), full(s), schedule=schedule)
     return x
 
 

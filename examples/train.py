@@ -5,11 +5,10 @@
     torchrun --nproc_per_node 2 examples/train.py --data digits --out runs/digits # DDP (gloo on CPU, nccl on GPU)
     python examples/train.py --method fm --data checkerboard --out runs/fm        # a baseline: fm or ct
 
-One step: a batch of B rows in B / M groups of M particles; each group shares (s, r, t) from
-imm.sample_times. x_t and x_r come from the same (x, eps) (interpolate_pair); y_t = f_{s,t}(x_t) with
-gradient, y_r = f_{s,r}(x_r) from the same network under no_grad (stop-gradient, not the EMA); the loss is
-mmd_loss with the Laplace kernel, per-group bandwidth imm.kernel_bandwidth(s, t) and weight
-imm.time_weight(t). The EMA is for evaluation only. --method fm and --method ct train the baselines of
+One step: imm_kernels.IMMGenerator.loss on a batch of B rows in B / M groups of M particles (each group shares
+(s, r, t); x_t and x_r from the same (x, eps); y_t = f_{s,t}(x_t) with gradient, y_r = f_{s,r}(x_r) from the same
+network under no_grad: stop-gradient, not the EMA; the grouped MMD with the Laplace kernel, bandwidth
+1 / |c_out(s, t)| and weight w(t)). The EMA is for evaluation only. --method fm and --method ct train the baselines of
 examples/baselines.py instead, with the same data, network, optimiser and loop.
 
 DIR receives checkpoint.pt (atomic, --resume continues bit for bit), log.jsonl, loss.png,
@@ -40,7 +39,7 @@ import models
 import plots
 from classifier import load_classifier
 from baselines import ct_loss, fm_loss
-from common import SIGMA_DATA, ExampleError, autocast, cli, drop_labels, one_step, resolve_device
+from common import ExampleError, autocast, cli, imm_generator, resolve_device
 from imm_kernels import imm
 from imm_kernels.schedules import DEFAULT_T, SCHEDULES
 from sample import class_labels, generate
@@ -168,26 +167,14 @@ def learning_rate(step: int, config: dict) -> float:
 
 
 def imm_loss(model, online, x, labels, generator: torch.Generator, config: dict, device) -> torch.Tensor:
-    """The IMM loss of one batch (docs/math.md section 4). model: the network (for the stop-gradient pass);
-    online: the same network, DDP-wrapped when distributed (for the pass with gradient)."""
-    m = config["group_size"]
-    groups = x.shape[0] // m
-    labels = drop_labels(model, labels, m, generator, config, device)
-    delta = 1e-4 if config["precision"] == "fp16" else None  # keeps r < t where fp16 cannot tell them apart
-    s, r, t = imm.sample_times(groups, schedule=config["schedule"], k=config["k"], T=config["T"],
-                               eps_t=config["eps_t"], delta=delta, generator=generator, dtype=torch.float64)
-    eps = SIGMA_DATA * torch.randn(x.shape, generator=generator)
-    x, eps = x.to(device), eps.to(device)
-    s_rows, r_rows, t_rows = (v.repeat_interleave(m).to(device) for v in (s, r, t))
-    x_t, x_r = imm_kernels.interpolate_pair(x, eps, t_rows, r_rows, schedule=config["schedule"])
+    """The IMM loss of one batch (docs/math.md section 4): IMMGenerator.loss. model: the network (for the
+    stop-gradient pass); online: the same network, DDP-wrapped when distributed (for the pass with gradient)."""
+    gen = imm_generator(model, config)
     with autocast(config, device):
-        y_t = one_step(online, x_t, s_rows, t_rows, labels, config=config)
-        with torch.no_grad():
-            y_r = one_step(model, x_r, s_rows, r_rows, labels, config=config)
-    bandwidth = imm.kernel_bandwidth(s, t, schedule=config["schedule"], param=config["param"], sigma_data=SIGMA_DATA)
-    weight = imm.time_weight(t, a=config["a"], b=config["b"], schedule=config["schedule"])
-    return imm_kernels.mmd_loss(y_t, y_r, m, kernel=config["kernel"], estimator=config["estimator"],
-                                bandwidth=bandwidth.to(device), weight=weight.to(device))
+        return gen.loss(x.to(device), labels, group_size=config["group_size"], k=config["k"], kernel=config["kernel"],
+                        estimator=config["estimator"], a=config["a"], b=config["b"],
+                        label_dropout=config["label_dropout"], generator=generator,
+                        online=None if online is model else imm_generator(online, config))
 
 
 LOSSES = {"imm": imm_loss, "fm": fm_loss, "ct": ct_loss}

@@ -280,7 +280,7 @@ def test_flow_samplers_follow_the_ode(sampler, steps):
     from sample import generate
 
     x0 = torch.tensor([0.3, -0.2], dtype=torch.float64)
-    config = {"method": "fm", "schedule": "fm", "T": 0.994, "eps_t": 0.006, "time_embedding": "s"}
+    config = {"method": "fm", "schedule": "fm", "param": "simple_edm", "T": 0.994, "eps_t": 0.006, "time_embedding": "s"}
     x = generate(OnePointVelocity(x0), config, (2,), 64, None, steps=steps, sampler=sampler,
                  generator=torch.Generator().manual_seed(0), device="cpu")
     noise = 0.5 * torch.randn((64, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
