@@ -12,6 +12,7 @@ tests/test_cuda_build.py.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -54,7 +55,11 @@ def outside_env() -> dict:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    return build_wheels.build_wheel(tmp_path_factory.mktemp("dist"), ROOT / "build" / "wheel-test")
+    build_dir = ROOT / "build" / "wheel-test"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "lock", "w") as lock:  # one build at a time in the shared build folder
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return build_wheels.build_wheel(tmp_path_factory.mktemp("dist"), build_dir)
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +106,15 @@ def test_one_openmp_runtime_in_the_development_build(tmp_path):
     """The editable build of .ci/env.sh shares torch's libgomp the same way."""
     report = json.loads(run(sys.executable, str(ROOT / "tests" / "wheel_check.py"), "--openmp-only", cwd=tmp_path))
     assert len(report["openmp"]) == 1, report
+
+
+def test_sdist(tmp_path):
+    """The sdist of csrc/build_wheels.py: the plain version, the sources and the license, no build outputs."""
+    import tarfile
+
+    sdist = build_wheels.build_sdist(tmp_path)
+    assert sdist.name == f"imm_kernels-{imm_kernels.__version__}.tar.gz"
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    assert {"LICENSE", "pyproject.toml", "CMakeLists.txt", "csrc/bindings.cpp", "imm_kernels/__init__.py"} <= names
+    assert not [n for n in names if n.startswith((".venv/", "build/", "dist/")) or n.endswith(".so")]
