@@ -67,40 +67,29 @@ def check_ops() -> list[str]:
     """Every public op on the cpu backend against the reference, forward and backward, float64."""
     torch.manual_seed(0)
     f64 = dict(dtype=torch.float64)
-    g, m, d = 3, 4, 5
+    g, m, d, b = 3, 4, 5, 6
     y_t, y_r = torch.randn(g * m, d, **f64), torch.randn(g * m, d, **f64)
     bandwidth, weight = torch.rand(g, **f64) + 0.5, torch.rand(g, **f64)
-    checked = []
-    for kernel in ("laplace", "rbf", "energy"):
-        for estimator in ("v", "u"):
-            options = dict(kernel=kernel, estimator=estimator, weight=weight)
-            if kernel != "energy":
-                options["bandwidth"] = bandwidth
-            compare(f"mmd_loss {kernel} {estimator}", lambda a, b: imm_kernels.mmd_loss(a, b, m, backend="cpu", **options),
-                    lambda a, b: reference.mmd_loss(a, b, m, **options), y_t, y_r)
-            checked.append(f"mmd_loss/{kernel}/{estimator}")
-    module = imm_kernels.MMDLoss(m, bandwidth=bandwidth, backend="cpu")
-    compare("MMDLoss", module, lambda a, b: reference.mmd_loss(a, b, m, bandwidth=bandwidth), y_t, y_r)
-    checked.append("MMDLoss")
-
-    b = 6
     x, noise = torch.randn(b, d, **f64), torch.randn(b, d, **f64)
     s, r, t = (v.repeat_interleave(2) for v in imm.sample_times(b // 2, dtype=torch.float64))
+    cases = []  # (name, op, inputs, positional arguments after the inputs, keyword arguments)
+    for kernel in ("laplace", "rbf", "energy"):
+        cases += [(f"mmd_loss/{kernel}/{estimator}", "mmd_loss", (y_t, y_r), (m,),
+                   dict(kernel=kernel, estimator=estimator, weight=weight,
+                        **({} if kernel == "energy" else {"bandwidth": bandwidth}))) for estimator in ("v", "u")]
     for schedule in ("fm", "cosine"):
-        compare(f"interpolate {schedule}", lambda a, n: imm_kernels.interpolate(a, n, t, schedule=schedule, backend="cpu"),
-                lambda a, n: reference.interpolate(a, n, t, schedule=schedule), x, noise)
-        compare(f"interpolate_pair {schedule}",
-                lambda a, n: imm_kernels.interpolate_pair(a, n, t, r, schedule=schedule, backend="cpu"),
-                lambda a, n: reference.interpolate_pair(a, n, t, r, schedule=schedule), x, noise)
-        compare(f"ddim {schedule}", lambda a, h: imm_kernels.ddim(a, h, s, t, schedule=schedule, backend="cpu"),
-                lambda a, h: reference.ddim(a, h, s, t, schedule=schedule), x, noise)
-        checked += [f"interpolate/{schedule}", f"interpolate_pair/{schedule}", f"ddim/{schedule}"]
-        for param in ("simple_edm", "identity") + (("euler_fm",) if schedule == "fm" else ()):
-            compare(f"imm_output {schedule} {param}",
-                    lambda a, h: imm_kernels.imm_output(a, h, s, t, schedule=schedule, param=param, backend="cpu"),
-                    lambda a, h: reference.imm_output(a, h, s, t, schedule=schedule, param=param), x, noise)
-            checked.append(f"imm_output/{schedule}/{param}")
-    return checked
+        cases += [(f"interpolate/{schedule}", "interpolate", (x, noise), (t,), dict(schedule=schedule)),
+                  (f"interpolate_pair/{schedule}", "interpolate_pair", (x, noise), (t, r), dict(schedule=schedule)),
+                  (f"ddim/{schedule}", "ddim", (x, noise), (s, t), dict(schedule=schedule))]
+        cases += [(f"imm_output/{schedule}/{param}", "imm_output", (x, noise), (s, t),
+                   dict(schedule=schedule, param=param))
+                  for param in ("simple_edm", "identity") + (("euler_fm",) if schedule == "fm" else ())]
+    for name, op, inputs, arguments, options in cases:
+        compare(name, lambda *a: getattr(imm_kernels, op)(*a, *arguments, backend="cpu", **options),
+                lambda *a: getattr(reference, op)(*a, *arguments, **options), *inputs)
+    module = imm_kernels.MMDLoss(m, bandwidth=bandwidth, backend="cpu")
+    compare("MMDLoss", module, lambda a, c: reference.mmd_loss(a, c, m, bandwidth=bandwidth), y_t, y_r)
+    return [name for name, *_ in cases] + ["MMDLoss"]
 
 
 def main(argv: list[str]) -> None:
