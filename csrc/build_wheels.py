@@ -18,6 +18,7 @@ would be grafted, and the check below fails on it (nothing is grafted today).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -91,7 +92,15 @@ def check(wheel: Path) -> dict:
 
 
 def build_wheel(out: Path, build_dir: Path, cuda_archs: str | None = None) -> Path:
-    """`pip wheel .` (no build isolation: the pinned build tools of this environment), CPU or CUDA."""
+    """`pip wheel .` (no build isolation: the pinned build tools of this environment), CPU or CUDA, repaired into
+    out/. One build at a time per build folder (a lock file in it), which later builds reuse."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_wheel(out, build_dir, cuda_archs)
+
+
+def _build_wheel(out: Path, build_dir: Path, cuda_archs: str | None) -> Path:
     env = dict(os.environ)
     settings = [f"-Cbuild-dir={build_dir}/{{wheel_tag}}"]
     if cuda_archs is not None:

@@ -4,7 +4,6 @@ kernels free of register spills and stack frames, the GPU-verified kernels' mach
 that loads and probes for a device without crashing. Skipped where nvcc is missing. The first run builds for
 40 s to 1.5 minutes on 2 cores; reruns reuse build/cuda-wheel-test/."""
 
-import fcntl
 import hashlib
 import os
 import re
@@ -55,15 +54,10 @@ def run(*command: str) -> str:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """The CUDA wheel as released: built and repaired by csrc/build_wheels.py (the same code as the release command)."""
-    out = tmp_path_factory.mktemp("wheel")
-    build_dir = ROOT / "build" / "cuda-wheel-test"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    with open(build_dir / "lock", "w") as lock:  # one build at a time in the shared build folder
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            return build_wheels.build_wheel(out, build_dir, cuda_archs=ARCHS)
-        except RuntimeError as error:
-            pytest.fail(f"the CUDA wheel did not build or repair:\n{error}")
+    try:
+        return build_wheels.build_wheel(tmp_path_factory.mktemp("wheel"), ROOT / "build" / "cuda-wheel-test", ARCHS)
+    except RuntimeError as error:
+        pytest.fail(f"the CUDA wheel did not build or repair:\n{error}")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ tests/test_cuda_build.py.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -55,11 +54,7 @@ def outside_env() -> dict:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    build_dir = ROOT / "build" / "wheel-test"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    with open(build_dir / "lock", "w") as lock:  # one build at a time in the shared build folder
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return build_wheels.build_wheel(tmp_path_factory.mktemp("dist"), build_dir)
+    return build_wheels.build_wheel(tmp_path_factory.mktemp("dist"), ROOT / "build" / "wheel-test")
 
 
 @pytest.fixture(scope="module")
