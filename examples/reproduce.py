@@ -457,7 +457,7 @@ def write_document(study: dict, results: list[dict], out: Path, doc: Path, comma
         "Budgets: " + "; ".join(f"{d}: {b['iters']} iterations, batch {b['batch']}" for d, b in q.items()) +
         f". IMM on {', '.join(q)} uses groups of " +
         ", ".join(f"{b.get('imm_group_size') or DEFAULT_GROUP_SIZE['imm']} ({d})" for d, b in q.items()) +
-        " (train.py's default is 64: on 2-D data the paper's M = 4 shrinks the squares, see the README); the "
+        " (train.py's default is 64: on 2-D data the paper's M = 4 shrinks the squares, see docs/training.md); the "
         "baselines use "
         "single samples. FM does one network pass per step, IMM and CT two (one without gradient).", "",
         "## Quality by NFE", "", *quality_lines,

@@ -53,7 +53,7 @@ TRAINING_OPTIONS = {
     "image_size": (int, None, "resize a folder's images to this size (default: the first image's)"),
     "batch": (int, 1024, "global batch B (all ranks together), a multiple of group size x ranks"),
     "group_size": (int, None, "M, particles per group sharing (s, r, t) (default: 64 for imm, the paper's 4 shrinks "
-                              "2-D data, see the README; 1 for the baselines, which have no groups)"),
+                              "2-D data, see docs/training.md; 1 for the baselines, which have no groups)"),
     "schedule": (SCHEDULES, "fm", "noise schedule"),
     "param": (imm.PARAMS, "simple_edm", "parameterisation of f_{s,t} (euler_fm needs --schedule fm)"),
     "time_embedding": (("s", "stride"), "s", "second time input of the network: s, or t - s (stride)"),

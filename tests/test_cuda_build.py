@@ -1,9 +1,9 @@
-"""The CUDA wheel, built here with nvcc (no GPU needed): machine code for exactly the architectures asked for
-and no PTX, a +cuXY version, MMD kernels free of register spills and stack frames, the GPU-verified kernels'
-machine code unchanged, and a module that loads and probes for a device without crashing. Skipped where nvcc is missing. The first run builds for about 1.5
-minutes on 2 cores; reruns reuse build/cuda-wheel-test/."""
+"""The CUDA wheel, built here with nvcc (no GPU needed) and repaired as released (csrc/build_wheels.py):
+machine code for exactly the architectures asked for and no PTX, a +cuXY version, a manylinux platform tag, MMD
+kernels free of register spills and stack frames, the GPU-verified kernels' machine code unchanged, and a module
+that loads and probes for a device without crashing. Skipped where nvcc is missing. The first run builds for
+40 s to 1.5 minutes on 2 cores; reruns reuse build/cuda-wheel-test/."""
 
-import fcntl
 import hashlib
 import os
 import re
@@ -18,6 +18,9 @@ import pytest
 import imm_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "csrc"))
+import build_wheels  # noqa: E402  (csrc/build_wheels.py: the release build)
+
 ARCHS = "80-real;90a-real"
 EXPECTED_ELF = {"sm_80", "sm_90a"}
 
@@ -50,18 +53,11 @@ def run(*command: str) -> str:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    build_dir = ROOT / "build" / "cuda-wheel-test"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    with open(build_dir / "lock", "w") as lock:  # one build at a time in the shared build folder
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        result = subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", ".", "--no-build-isolation", "--no-deps", "-q", "-w", str(out),
-             "-Ccmake.define.IMM_CUDA=ON", "-Cbuild-dir=build/cuda-wheel-test/{wheel_tag}"],
-            cwd=ROOT, env=dict(os.environ, CUDAARCHS=ARCHS), capture_output=True, text=True)
-    assert result.returncode == 0, f"the CUDA wheel did not build:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
-    (built,) = out.glob("*.whl")
-    return built
+    """The CUDA wheel as released: built and repaired by csrc/build_wheels.py (the same code as the release command)."""
+    try:
+        return build_wheels.build_wheel(tmp_path_factory.mktemp("wheel"), ROOT / "build" / "cuda-wheel-test", ARCHS)
+    except RuntimeError as error:
+        pytest.fail(f"the CUDA wheel did not build or repair:\n{error}")
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +80,13 @@ def cuobjdump() -> str:
 def test_version_carries_the_nvcc_release(wheel):
     major, minor = re.search(r"release (\d+)\.(\d+)", run(NVCC, "--version")).groups()
     assert wheel.name.split("-")[1] == f"{imm_kernels.__version__}+cu{major}{minor}"
+
+
+def test_platform_tag_is_manylinux_with_nothing_bundled_that_torch_brings(wheel):
+    """auditwheel's symbol tag is the file's platform tag; libgomp.so.1 (torch's) is the only external library."""
+    report = build_wheels.check(wheel)
+    assert report["sym_tag"].startswith("manylinux") and wheel.name.endswith(f"-{report['sym_tag']}.whl")
+    assert set(report["external_libs"]) <= {"libgomp.so.1"}, report["external_libs"]
 
 
 def test_machine_code_for_exactly_the_requested_architectures(extension, cuobjdump):
