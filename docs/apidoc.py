@@ -23,30 +23,41 @@ page is current). How the ops compute, their dtypes and what they check: [numeri
 with the paper's equation numbers: [math.md](math.md); a complete, runnable training loop: the quick start of
 [README.md](../README.md); the example trainer: [training.md](training.md).
 
-The ops in one IMM training step (a fragment: `x`, `noise` and `net` are yours):
+`IMMGenerator` owns the objective and the samplers (`gen.loss(x)`, `gen.sample(n, shape, steps=2)`). The ops
+under it, for a loop of your own: one IMM training step (a fragment: `x` is a batch of data scaled to standard
+deviation 0.5, `net` follows IMMGenerator's network convention):
 
 ```python
 import torch, imm_kernels
 from imm_kernels import imm
 
-B, M = 4096, 4                                 # G = B / M groups of M particles sharing (s, r, t)
-s, r, t = (v.repeat_interleave(M) for v in imm.sample_times(B // M, schedule="fm", k=12))
-x_t, x_r = imm_kernels.interpolate_pair(x, noise, t, r)            # same (x, eps), one pass
-y_t = imm_kernels.imm_output(x_t, net(x_t, s, t), s, t)            # f_{{s,t}}(x_t), simple_edm param
+M, G = 4, x.shape[0] // 4                      # G groups of M consecutive rows sharing (s, r, t)
+s, r, t = imm.sample_times(G, schedule="fm", k=12)               # float64, one per group
+s_, r_, t_ = (v.repeat_interleave(M) for v in (s, r, t))
+noise = 0.5 * torch.randn_like(x)                                # eps ~ N(0, sigma_data^2)
+x_t, x_r = imm_kernels.interpolate_pair(x, noise, t_, r_)        # same (x, eps), one pass
+
+def f(x_in, s, t):                             # f_{{s,t}}(x_in): c_in scaling, times 1000 t and 1000 s (t first)
+    c_in = imm.c_in(t).float().view(-1, *[1] * (x_in.dim() - 1))
+    g = net(c_in * x_in, 1000 * t.float(), 1000 * s.float(), None)
+    return imm_kernels.imm_output(x_in, g.to(x_in.dtype), s, t)
+
+y_t = f(x_t, s_, t_)
 with torch.no_grad():
-    y_r = imm_kernels.imm_output(x_r, net(x_r, s, r), s, r)        # stop-gradient, not the EMA
+    y_r = f(x_r, s_, r_)                       # stop-gradient, not the EMA
 loss = imm_kernels.mmd_loss(y_t, y_r, M, kernel="laplace",
-                            bandwidth=imm.kernel_bandwidth(s[::M], t[::M]),   # wt(s,t) = 1/|c_out|
-                            weight=imm.time_weight(t[::M], a=1, b=5))          # w(s,t), paper Eq. 13
+                            bandwidth=imm.kernel_bandwidth(s, t),           # wt(s,t) = 1/|c_out|
+                            weight=imm.time_weight(t, a=1, b=5))            # w(s,t), paper Eq. 13
 loss.backward()
 ```
 
 Under the functions sit the `torch.library` custom ops `torch.ops.imm_kernels.mmd_forward`, `mmd_backward` and
 `combine` (what `torch.compile` sees); they check what would make the kernels read out of bounds. All ops accept
-float32, float64, float16 and bfloat16, and gradients flow to whichever tensor inputs require them (times,
-bandwidths and weights are constants). `imm_kernels.reference` holds plain PyTorch versions of all of them, the
-oracle the tests compare every backend against. `imm_kernels.__version__` is the package version (one place:
-`imm_kernels/__init__.py`; [CHANGELOG.md](../CHANGELOG.md)).
+float32, float64, float16 and bfloat16, and gradients flow to every floating input that requires them: data,
+times, bandwidths and weights ([pytorch.md](pytorch.md): autograd, torch.func, vmap, autocast, channels-last).
+`imm_kernels.reference` holds plain PyTorch versions of all of them, the oracle the tests compare every backend
+against. `imm_kernels.__version__` is the package version (one place: `imm_kernels/__init__.py`;
+[CHANGELOG.md](../CHANGELOG.md)).
 """
 
 
