@@ -214,6 +214,9 @@ def _setup(ctx, y_t, y_r, bandwidth, weight, options, output, needs) -> None:
     if ctx.transformed:  # forward mode may follow (jvp)
         ctx.save_for_forward(y_t, y_r, saved, bandwidth, weight)
     ctx.options, ctx.needs = options, needs
+    # The training step's case, which backward serves with the backward kernel alone: only y_t and y_r need
+    # gradients and no functorch level is involved.
+    ctx.inputs_only = not (ctx.transformed or needs[2] or needs[3])
 
 
 
@@ -327,6 +330,8 @@ def _replaced(values, indices, replacements) -> list:
 
 def _gradients(ctx, grad_output: Tensor) -> list:
     """[grad y_t, grad y_r, grad bandwidth, grad weight], None for an input that needs none."""
+    if ctx.inputs_only and not torch.is_grad_enabled() and grad_output is not None:  # the hot path
+        return _gradient_parts(ctx, ctx.saved_tensors, grad_output, ctx.needs)
     if grad_output is None:  # the loss was not used
         return [None] * 4
     saved = _dispatch.saved_tensors(ctx)  # (y_t, y_r, forward state, bandwidth, weight)
