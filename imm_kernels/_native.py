@@ -129,6 +129,15 @@ def stacked(x: torch.Tensor, dim: int | None, n: int) -> torch.Tensor:
     return x.reshape(n * x.shape[1], *x.shape[2:])
 
 
+def stacked_per_row(x: torch.Tensor | None, dim: int | None, n: int, count: int) -> torch.Tensor | None:
+    """A vmapped operand of one value per row, group or output ((), (1,) or (count,) per problem; batched along
+    dim) as one value per row of the n problems stacked, (n count,); an unbatched single value as it is."""
+    if x is None or (dim is None and x.numel() == 1):
+        return x
+    x = x.movedim(dim, 0) if dim is not None else x.expand(n, *x.shape)
+    return x.reshape(n, -1).expand(n, count).reshape(n * count)
+
+
 def unstacked(x: torch.Tensor, n: int) -> torch.Tensor:
     """The inverse of stacked for an output: (n B, ...) -> (n, B, ...); an empty placeholder as it is."""
     return x.view(n, -1, *x.shape[1:]) if x.numel() else x

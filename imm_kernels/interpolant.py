@@ -325,16 +325,9 @@ def _combine_vmap(info, in_dims, src0, src1, time0, time0_value, time1, time1_va
     src0 = _native.stacked(src0, in_dims[0], n)
     src1 = _native.stacked(src1, in_dims[1], n) if src1 is not None else None
     rows = src0.shape[0] // n
-
-    def per_sample(time, dim):
-        if time is None or (dim is None and time.numel() == 1):
-            return time
-        time = time.movedim(dim, 0) if dim is not None else time.expand(n, *time.shape)
-        return time.reshape(n, -1).expand(n, rows).reshape(n * rows)
-
-    dst = torch.ops.imm_kernels.combine(src0, src1, per_sample(time0, in_dims[2]), time0_value,
-                                        per_sample(time1, in_dims[4]), time1_value, kind, outputs, transpose, write0,
-                                        write1, schedule, param, sigma_data, backend)
+    dst = torch.ops.imm_kernels.combine(src0, src1, _native.stacked_per_row(time0, in_dims[2], n, rows), time0_value,
+                                        _native.stacked_per_row(time1, in_dims[4], n, rows), time1_value, kind,
+                                        outputs, transpose, write0, write1, schedule, param, sigma_data, backend)
     return tuple(_native.unstacked(d, n) for d in dst), tuple(0 if d.numel() else None for d in dst)
 
 

@@ -421,14 +421,6 @@ def _saves_gradients(backend: str) -> bool:
     return backend == "cuda" and _dispatch.variant("IMM_CUDA_KERNELS") == "verified"
 
 
-def _per_problem_groups(tensor: Tensor | None, dim, n: int, groups: int) -> Tensor | None:
-    """A bandwidth / weight of each problem (0-d or (G,); batched along dim) as one value per merged group."""
-    if tensor is None:
-        return None
-    tensor = tensor.movedim(dim, 0) if dim is not None else tensor.expand(n, *tensor.shape)
-    return tensor.reshape(n, -1).expand(n, groups).reshape(n * groups)
-
-
 @torch.library.register_vmap("imm_kernels::mmd_forward")
 def _mmd_forward_vmap(info, in_dims, y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, group_size, kernel,
                       estimator, eps, reduction, grad_t, grad_r, backend):
@@ -436,10 +428,10 @@ def _mmd_forward_vmap(info, in_dims, y_t, y_r, bandwidth, bandwidth_value, weigh
     y_t, y_r = _native.stacked(y_t, in_dims[0], n), _native.stacked(y_r, in_dims[1], n)
     groups = y_t.shape[0] // (n * group_size)
     acc = _validate.accumulation_dtype(y_t.dtype)
-    bandwidth = _per_problem_groups(bandwidth, in_dims[2], n, groups)
+    bandwidth = _native.stacked_per_row(bandwidth, in_dims[2], n, groups)
     # Per-group losses of all problems at once; the mean's 1/G goes into the weight, as the kernels fold it into
     # the saved coefficients, so the saved state is each problem's own.
-    weight = _per_problem_groups(weight, in_dims[4], n, groups)
+    weight = _native.stacked_per_row(weight, in_dims[4], n, groups)
     weight = (torch.full((n * groups,), weight_value, dtype=acc, device=y_t.device) if weight is None
               else weight.to(acc)) / (groups if reduction == "mean" else 1)
     out, saved = torch.ops.imm_kernels.mmd_forward(y_t, y_r, bandwidth, bandwidth_value, weight, 0.0, group_size,
@@ -460,9 +452,7 @@ def _mmd_backward_vmap(info, in_dims, grad_output, y_t, y_r, saved, group_size, 
     y_t, y_r = _native.stacked(y_t, in_dims[1], n), _native.stacked(y_r, in_dims[2], n)
     rows = y_t.shape[0] // n
     groups = rows // group_size
-    grad_output = grad_output.movedim(in_dims[0], 0) if in_dims[0] is not None else grad_output.expand(
-        n, *grad_output.shape)
-    grad_output = grad_output.reshape(n, -1).expand(n, groups).reshape(n * groups)  # one scale per merged group
+    grad_output = _native.stacked_per_row(grad_output, in_dims[0], n, groups)  # one scale per merged group
     if _saves_gradients(backend):
         saved = saved.movedim(in_dims[3], 1) if in_dims[3] is not None else saved.unsqueeze(1).expand(
             saved.shape[0], n, *saved.shape[1:])
