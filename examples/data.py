@@ -19,7 +19,9 @@ import torch
 
 from common import SIGMA_DATA, ExampleError
 
-TOY_SETS = ("checkerboard", "8gaussians", "moons", "spirals")
+TOY_SETS = ("checkerboard", "8gaussians", "moons", "spirals", "gaussian")
+# The "gaussian" set: one Gaussian with a diagonal covariance, whose exact maps examples/gaussian.py knows.
+GAUSSIAN_MEAN, GAUSSIAN_STD = (1.0, -0.5), (1.0, 0.5)
 IMAGE_SETS = ("digits", "mnist")
 TOY_TRAIN_SIZE, TOY_HELDOUT_SIZE = 200_000, 5_000
 HELDOUT_FRACTION = 0.1  # for .npy files and image folders (digits: 0.2)
@@ -103,8 +105,12 @@ def _spirals(rng, n):
     return sign * arm / 3 + 0.1 * rng.standard_normal((n, 2))
 
 
+def _gaussian(rng, n):
+    return np.asarray(GAUSSIAN_MEAN) + np.asarray(GAUSSIAN_STD) * rng.standard_normal((n, 2))
+
+
 TOY_GENERATORS = {"checkerboard": _checkerboard, "8gaussians": _eight_gaussians, "moons": _moons,
-                  "spirals": _spirals}
+                  "spirals": _spirals, "gaussian": _gaussian}
 
 
 def _points(name: str, train: np.ndarray, heldout: np.ndarray) -> Dataset:

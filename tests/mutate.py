@@ -45,6 +45,7 @@ COMBINE_TRITON = ("tests/test_interpolant.py", "-k", "cpu-triton")
 MMD_AND_COMBINE_CPU = ("tests/test_mmd.py", "tests/test_interpolant.py", "-k", "cpu-cpu")
 IMM = ("tests/test_imm.py",)
 PYTORCH_CPU = ("tests/test_pytorch.py", "-k", "cpu-cpu")
+GENERATOR = ("tests/test_generator.py", "-k", "not ddp")
 REFERENCE = ("tests/test_reference.py",)
 CUDA_MMD = ("tests/test_mmd.py", "-k", "cuda-cuda")
 CUDA_COMBINE = ("tests/test_interpolant.py", "-k", "cuda-cuda")
@@ -205,6 +206,24 @@ MUTANTS = [
     Mutant("imm_kernels/_native.py", "for position, dim in enumerate((0, *order)):\n        inverse[dim] = position",
            "for position, dim in enumerate((0, *order)):\n        inverse[position] = dim", PYTORCH_CPU,
            "channels-last: the outputs permuted back the wrong way"),
+    # IMMGenerator (tests/test_generator.py).
+    Mutant("imm_kernels/generator.py", "noise_t, noise_second = 1000 * t.to(torch.float32), 1000 * second.to(",
+           "noise_second, noise_t = 1000 * t.to(torch.float32), 1000 * second.to(", GENERATOR,
+           "the network's two times swapped"),
+    Mutant("imm_kernels/generator.py", "labels = torch.where(dropped.repeat_interleave(group_size).to(labels.device),",
+           "labels = torch.where(dropped.repeat(group_size).to(labels.device),", GENERATOR,
+           "label dropout per row pattern instead of per group"),
+    Mutant("imm_kernels/generator.py", "y_r = self(x_r, s_rows, r_rows, labels, network=target)",
+           "y_r = self(x_r, s_rows, t_rows, labels, network=target)", GENERATOR,
+           "the target map f_{s,t} instead of f_{s,r}"),
+    Mutant("imm_kernels/generator.py", "noise = (self.sigma_data * torch.randn(", "noise = (1.0 * torch.randn(",
+           GENERATOR, "the prior noise N(0, 1) instead of N(0, sigma_data^2)"),
+    Mutant("imm_kernels/generator.py", "x = interpolate(x, noise(), full(s), schedule=self.schedule)",
+           "x = interpolate(x, noise(), full(t), schedule=self.schedule)", GENERATOR,
+           "restart: re-noised to the step's start instead of its end"),
+    Mutant("imm_kernels/generator.py", "middle = [float(schedules.eta_inv(middle_eta, schedule))] if steps == 2 else []",
+           "middle = [float(schedules.eta_inv(1.4, schedule))] if steps == 2 else []", GENERATOR,
+           "time_grid: middle_eta ignored"),
     # The Triton kernels (run by the interpreter).
     Mutant(TRITON_MMD, "-t_minus_r_j * (w + z)", "t_minus_r_j * (w + z)", MMD_TRITON,
            "pass 1: the sign of the y_r side's delta"),

@@ -144,6 +144,7 @@ def test_sample_matches_the_written_out_sampler_bit_for_bit(sampler, steps, guid
 def test_time_grids():
     assert time_grid(1).tolist() == [0.994, 0.0]
     assert time_grid(2, middle_eta=1.4)[1].item() == pytest.approx(1.4 / 2.4)
+    assert time_grid(2, middle_eta=0.6)[1].item() == pytest.approx(0.375)
     edm = time_grid(8, schedule="cosine", T=0.99, eps_t=0.006)
     assert edm[0].item() == 0.99 and edm[-1].item() == 0.006 and bool((edm[1:] < edm[:-1]).all())
     assert time_grid(4, "uniform").tolist() == pytest.approx([0.994, 0.7455, 0.497, 0.2485, 0.0])
@@ -171,6 +172,25 @@ def test_the_network_sees_the_documented_inputs():
         assert seen["noise_second"].tolist() == pytest.approx([1000 * second] * 4, rel=1e-6)
         assert seen["labels"] is labels
     assert torch.equal(IMMGenerator(Net())(x_t, 0.4, 0.4), x_t)
+
+
+def test_label_dropout_is_per_group():
+    """Whole groups train unconditionally (their labels all null_label), the others keep every label."""
+    seen = []
+
+    class Recorder(Net):
+        def forward(self, x, noise_t, noise_second, labels=None):
+            seen.append(labels.clone())
+            return super().forward(x, noise_t, noise_second, labels)
+
+    labels = torch.arange(64) % 2
+    IMMGenerator(Recorder()).loss(torch.randn(64, 3, dtype=torch.float64) * 0.5, labels, group_size=4,
+                                  label_dropout=0.5, generator=torch.Generator().manual_seed(0))
+    groups = seen[0].view(16, 4)
+    dropped = (groups == 2).all(1)
+    assert 0 < int(dropped.sum()) < 16, "the draw dropped no group or every group"
+    assert torch.equal(groups[~dropped], labels.view(16, 4)[~dropped]) and not (groups[~dropped] == 2).any()
+    assert torch.equal(seen[1], seen[0])  # the stop-gradient pass sees the same labels
 
 
 def test_bfloat16_network_output_under_autocast():

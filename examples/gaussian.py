@@ -1,0 +1,192 @@
+"""A closed-form oracle for IMM on Gaussian data, and a study that measures a trained model against it.
+
+For data x ~ N(mu, diag(std^2)) and prior noise eps ~ N(0, sigma_d^2), every marginal of the interpolant
+x_t = alpha_t x + sigma_t eps is Gaussian with mean alpha_t mu and per-coordinate standard deviation
+std_t = sqrt(alpha_t^2 std^2 + sigma_t^2 sigma_d^2), and the probability-flow map from time t to time s is linear:
+
+    f*_{s,t}(x_t) = alpha_s mu + (std_s / std_t) (x_t - alpha_t mu)
+
+(the one increasing map between the two Gaussians, which the flow is). So every trained map f_{s,t} and every
+sampler has a known right answer: this script trains on the "gaussian" data set (examples/data.py: std 1.0 and
+0.5, mean (1, -0.5)), fits each trained map as y = A x + c per coordinate over a grid of (s, t), and reports A over
+the exact std_s / std_t, the offset error over std_s, and the samples' std over the data's and mean error at 1, 2,
+4 and 8 steps, pushforward and restart.
+
+    python examples/gaussian.py [--estimator v u] [--seeds 0 1 2] [--jobs 2] [--out out/gaussian] [-- TRAIN ARGS]
+    python examples/gaussian.py --smoke       # the pipeline at toy size
+
+A run whose folder already holds a finished checkpoint of the same options is measured, not trained again.
+Results: OUT/results.json and the tables on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+import checkpoint
+import data
+from common import SIGMA_DATA, cli, imm_generator
+from imm_kernels import schedules
+from sample import TWO_STEP_ETA, generate
+
+EXAMPLES = Path(__file__).resolve().parent
+STEPS = [1, 2, 4, 8]
+MAP_T = [0.994, 0.8, 0.6, 0.4, 0.2]
+MAP_S = [0.0, 0.2, 0.4, 0.6, 0.8]
+SAMPLES = 20_000
+
+
+def _derivative(t: torch.Tensor, schedule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d alpha / dt, d sigma / dt)."""
+    if schedule == "fm":
+        return -torch.ones_like(t), torch.ones_like(t)
+    half_pi = math.pi / 2
+    return -half_pi * torch.sin(half_pi * t), half_pi * torch.cos(half_pi * t)
+
+
+def marginal_std(t, std: torch.Tensor, schedule: str, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+    """The per-coordinate standard deviation of x_t."""
+    alpha, sigma = schedules.alpha(t, schedule), schedules.sigma(t, schedule)
+    return torch.sqrt(alpha**2 * std**2 + sigma**2 * sigma_data**2)
+
+
+def exact_map(x_t: torch.Tensor, s, t, mean: torch.Tensor, std: torch.Tensor, schedule: str,
+              sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+    """f*_{s,t}(x_t): the probability-flow map of Gaussian data from time t to time s (floats s <= t)."""
+    ratio = marginal_std(s, std, schedule, sigma_data) / marginal_std(t, std, schedule, sigma_data)
+    return schedules.alpha(s, schedule) * mean + ratio * (x_t - schedules.alpha(t, schedule) * mean)
+
+
+def velocity(x: torch.Tensor, t: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, schedule: str,
+             sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+    """The probability-flow velocity E[alpha'_t x + sigma'_t eps | x_t = x] of Gaussian data."""
+    alpha, sigma = schedules.alpha(t, schedule), schedules.sigma(t, schedule)
+    d_alpha, d_sigma = _derivative(t, schedule)
+    variance = alpha**2 * std**2 + sigma**2 * sigma_data**2
+    centred = x - alpha * mean
+    return d_alpha * (mean + alpha * std**2 / variance * centred) + d_sigma * sigma * sigma_data**2 / variance * centred
+
+
+def true_parameters(dataset: data.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the generating Gaussian in model space (examples/data.py centres and scales the points)."""
+    mean = torch.tensor(data.GAUSSIAN_MEAN, dtype=torch.float64)
+    std = torch.tensor(data.GAUSSIAN_STD, dtype=torch.float64)
+    shift, scale = dataset.shift.double(), dataset.scale.double()
+    return (mean - shift) / scale, std / scale
+
+
+@torch.no_grad()
+def measure(folder: Path, samples: int = SAMPLES) -> dict:
+    """Each trained map's fitted scale and offset against the exact ones, and the samples' statistics."""
+    torch.set_num_threads(1)
+    state = checkpoint.load(folder)
+    config = state["config"]
+    schedule = config["schedule"]
+    dataset = data.load(config["data"])
+    mean, std = true_parameters(dataset)
+    model = checkpoint.build_model(state)
+    gen = imm_generator(model, config)
+    generator = torch.Generator().manual_seed(1)
+    maps = {}
+    for t in MAP_T:
+        x_t = schedules.alpha(t, schedule) * mean + marginal_std(t, std, schedule) * torch.randn(
+            samples, 2, generator=generator, dtype=torch.float64)
+        for s in (s for s in MAP_S if s < t):
+            y = gen(x_t, torch.full((samples,), s, dtype=torch.float64), torch.full((samples,), t, dtype=torch.float64))
+            centred = x_t - x_t.mean(0)
+            slope = (centred * (y - y.mean(0))).sum(0) / centred.square().sum(0)
+            offset = y.mean(0) - slope * x_t.mean(0)
+            exact_slope = marginal_std(s, std, schedule) / marginal_std(t, std, schedule)
+            exact_offset = schedules.alpha(s, schedule) * mean - exact_slope * schedules.alpha(t, schedule) * mean
+            maps[f"{s:g},{t:g}"] = {"scale": (slope / exact_slope).tolist(),
+                                    "offset": ((offset - exact_offset) / marginal_std(s, std, schedule)).tolist()}
+    sampled = {}
+    for sampler in ("pushforward", "restart"):
+        for steps in STEPS if sampler == "pushforward" else STEPS[1:]:
+            x = generate(model, config, (2,), samples, None, steps=steps, sampler=sampler,
+                         generator=torch.Generator().manual_seed(0), device="cpu")
+            sampled[f"{sampler} {steps}"] = {"std": (x.std(0) / std).tolist(),
+                                              "mean": ((x.mean(0) - mean) / std).tolist()}
+    return {"config": {k: config[k] for k in ("estimator", "group_size", "k", "seed", "iters")}, "maps": maps,
+            "samples": sampled}
+
+
+def train(folder: Path, options: list[str]) -> None:
+    """train.py on the gaussian data set, one thread, unless folder already holds a finished run of options."""
+    done = folder / "options.json"
+    if done.exists() and json.loads(done.read_text()) == options and (folder / "checkpoint.pt").exists():
+        return
+    command = [sys.executable, str(EXAMPLES / "train.py"), "--data", "gaussian", "--out", str(folder),
+               "--eval-every", "-1", *options]
+    shutil.rmtree(folder, ignore_errors=True)
+    finished = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    if finished.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{finished.stderr[-3000:]}")
+    done.write_text(json.dumps(options))
+
+
+def train_and_measure(folder: Path, options: list[str], samples: int) -> dict:
+    train(folder, options)
+    return measure(folder, samples)
+
+
+def format_tables(results: dict) -> str:
+    """Markdown: per run, the samples' std over the data's per coordinate, then each map's fitted scale."""
+    lines = ["| run | " + " | ".join(results[next(iter(results))]["samples"]) + " |"]
+    lines.append("|---|" + "---|" * len(results[next(iter(results))]["samples"]))
+    for name, result in results.items():
+        cells = [f"{a:.3f}, {b:.3f}" for a, b in (v["std"] for v in result["samples"].values())]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, result in results.items():
+        lines += ["", f"{name}: fitted scale / exact scale of f_(s,t), per coordinate (1 is exact)", "",
+                  "| t \\ s | " + " | ".join(f"{s:g}" for s in MAP_S) + " |", "|---|" + "---|" * len(MAP_S)]
+        for t in MAP_T:
+            row = [", ".join(f"{v:.3f}" for v in result["maps"][f"{s:g},{t:g}"]["scale"])
+                   if f"{s:g},{t:g}" in result["maps"] else "-" for s in MAP_S]
+            lines.append(f"| {t:g} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--estimator", nargs="+", default=["v", "u"], choices=["v", "u"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--jobs", type=int, default=2, help="runs trained at once, one thread each")
+    parser.add_argument("--out", default="out/gaussian")
+    parser.add_argument("--smoke", action="store_true", help="20 steps of batch 128 and 500 samples: the pipeline")
+    parser.add_argument("train_args", nargs="*", help="more train.py options, after --")
+    return parser.parse_args(argv)
+
+
+@cli
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out)
+    extra = args.train_args + (["--iters", "20", "--batch", "128"] if args.smoke else [])
+    samples = 500 if args.smoke else SAMPLES
+    runs = {f"{estimator}-seed{seed}": ["--estimator", estimator, "--seed", str(seed), *extra]
+            for estimator in args.estimator for seed in args.seeds}
+    # spawn: each worker starts clean instead of forking a process that holds torch's thread pools
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(train_and_measure, out / name, options, samples) for name, options in runs.items()}
+        results = {name: future.result() for name, future in futures.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(f"samples' std over the data's, per coordinate (1 is exact; middle eta of 2 steps "
+          f"{TWO_STEP_ETA['points']})\n")
+    print(format_tables(results))
+
+
+if __name__ == "__main__":
+    main()
