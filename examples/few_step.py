@@ -300,6 +300,9 @@ sliced Wasserstein distance (SW) of samples to 5,000 held-out points over the re
 examples/run.sh` scores: the mean over {sets} disjoint sets of 5,000 samples, over the mean of {sets} disjoint
 sets of 5,000 training points (1 is as good as real data, lower is better).
 
+On a Gaussian, where every map has a closed-form answer, the same defaults shrink the samples by 3 to 6% at every step count
+(the V-statistic) and the U-statistic widens the 1-step map by 10 to 13%: [gaussian.md](gaussian.md).
+
 ## In short
 
 The main job (`bash examples/run.sh`: checkerboard, 5,000 steps of batch 1,024 on one core) trained with

@@ -38,7 +38,7 @@ import checkpoint
 import data
 from common import SIGMA_DATA, cli, imm_generator
 from imm_kernels import schedules
-from sample import TWO_STEP_ETA, generate
+from sample import generate
 
 EXAMPLES = Path(__file__).resolve().parent
 STEPS = [1, 2, 4, 8]
@@ -141,19 +141,31 @@ def train_and_measure(folder: Path, options: list[str], samples: int) -> dict:
     return measure(folder, samples)
 
 
+def _mean_over_seeds(results: dict, estimator: str, part: str, key: str, field: str) -> list[float]:
+    runs = [result for name, result in results.items() if name.startswith(f"{estimator}-seed")]
+    return [sum(run[part][key][field][axis] for run in runs) / len(runs) for axis in range(2)]
+
+
 def format_tables(results: dict) -> str:
-    """Markdown: per run, the samples' std over the data's per coordinate, then each map's fitted scale."""
-    lines = ["| run | " + " | ".join(results[next(iter(results))]["samples"]) + " |"]
-    lines.append("|---|" + "---|" * len(results[next(iter(results))]["samples"]))
-    for name, result in results.items():
-        cells = [f"{a:.3f}, {b:.3f}" for a, b in (v["std"] for v in result["samples"].values())]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    for name, result in results.items():
-        lines += ["", f"{name}: fitted scale / exact scale of f_(s,t), per coordinate (1 is exact)", "",
+    """Markdown, means over the seeds per estimator: the samples' std over the data's per coordinate, then each
+    map's fitted scale over the exact one."""
+    estimators = sorted({name.split("-")[0] for name in results}, reverse=True)
+    first = next(iter(results.values()))
+    columns = list(first["samples"])
+    seeds = len(results) // len(estimators)
+    lines = [f"Samples' std over the data's, per coordinate (1 is exact), mean over {seeds} seed(s):", "",
+             "| estimator | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for estimator in estimators:
+        cells = [", ".join(f"{v:.3f}" for v in _mean_over_seeds(results, estimator, "samples", c, "std"))
+                 for c in columns]
+        lines.append(f"| {estimator.upper()} | " + " | ".join(cells) + " |")
+    for estimator in estimators:
+        lines += ["", f"{estimator.upper()}: each trained map's fitted scale over the exact std_s / std_t, per "
+                      f"coordinate, mean over {seeds} seed(s) (rows: t, columns: s)", "",
                   "| t \\ s | " + " | ".join(f"{s:g}" for s in MAP_S) + " |", "|---|" + "---|" * len(MAP_S)]
         for t in MAP_T:
-            row = [", ".join(f"{v:.3f}" for v in result["maps"][f"{s:g},{t:g}"]["scale"])
-                   if f"{s:g},{t:g}" in result["maps"] else "-" for s in MAP_S]
+            row = [", ".join(f"{v:.3f}" for v in _mean_over_seeds(results, estimator, "maps", f"{s:g},{t:g}", "scale"))
+                   if f"{s:g},{t:g}" in first["maps"] else "-" for s in MAP_S]
             lines.append(f"| {t:g} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -183,8 +195,6 @@ def main(argv=None) -> None:
         results = {name: future.result() for name, future in futures.items()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(f"samples' std over the data's, per coordinate (1 is exact; middle eta of 2 steps "
-          f"{TWO_STEP_ETA['points']})\n")
     print(format_tables(results))
 
 

@@ -412,4 +412,4 @@ def test_gaussian_study_smoke(tmp_path):
     assert list(results) == ["v-seed0"] and len(results["v-seed0"]["maps"]) == 15
     assert set(results["v-seed0"]["samples"]) == {"pushforward 1", "pushforward 2", "pushforward 4", "pushforward 8",
                                                   "restart 2", "restart 4", "restart 8"}
-    assert "fitted scale / exact scale" in result.stdout
+    assert "fitted scale over the exact" in result.stdout
