@@ -105,11 +105,12 @@ def _verified_cuda_combine(src0, src1, time0, time0_value, time1, time1_value, k
 
 
 # ---- Autograd: one set of formulas, two entry points (as in mmd.py) ----
-# Eager calls apply _Combine over the backend's implementation; the same formulas are registered on
-# imm_kernels::combine itself for torch.ops callers, opcheck and the functorch transforms. Gradients of the sources:
-# the transposed op. Gradients of the times: closed-form derivatives of the schedule coefficients (autograd over
-# the (B,) coefficient formulas of imm.py and schedules.py, never over a (B, D) tensor) against per-sample dot
-# products of the gradients and the sources, which are saved only when a time requires grad.
+# Eager calls and the functorch transforms apply _Combine over the backend's implementation; the same formulas are
+# registered on imm_kernels::combine itself (what torch.compile traces, torch.ops callers and opcheck get), and its
+# batching rule serves torch.vmap. Gradients of the sources: the transposed op. Gradients of the times: closed-form
+# derivatives of the schedule coefficients (torch.func.vjp over the (B,) coefficient formulas of imm.py and
+# schedules.py, never over a (B, D) tensor) against per-sample dot products of the gradients and the sources,
+# which are saved only when a time requires grad.
 
 
 def coefficient_matrix(kind: str, outputs: int, time0, time1, schedule: str, param: str, sigma_data: float):

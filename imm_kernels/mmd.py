@@ -1,8 +1,9 @@
 """mmd_loss: the grouped MMD of IMM (docs/math.md section 4), forward and backward one native call each.
 
-Layers: mmd_loss / MMDLoss (validate, pick a backend) -> _MMDLoss (autograd) -> the custom ops
-imm_kernels::mmd_forward and imm_kernels::mmd_backward (opaque to torch.compile, with fakes for tracing; in eager
-mode their implementation is called directly) -> the backend's implementation.
+Layers: mmd_loss / MMDLoss (validate, pick a backend) -> _MMDLoss (autograd; under torch.compile the op's own
+registered autograd instead) -> the custom ops imm_kernels::mmd_forward and imm_kernels::mmd_backward (opaque to
+torch.compile, with fakes for tracing and batching rules for torch.vmap; in eager mode their implementation is
+called directly) -> the backend's implementation.
 
 The backward design: the forward pass saves each group's pair coefficients ([G, 6, M, M] in the accumulation
 dtype, csrc/common/mmd_math.h) and the backward pass makes the gradient from them and the inputs,
@@ -188,10 +189,11 @@ def _verified_cuda_backward(grad_output, y_t, y_r, saved, group_size, grad_t, gr
 
 
 # ---- Autograd: one set of formulas, two entry points ----
-# Eager calls apply _MMDLoss, an autograd.Function over the backend's implementation: the custom op's own dispatch
-# costs about 16 us a call on a CPU (2026-12-02), more than the whole kernel at small shapes. The same formulas are
-# registered on imm_kernels::mmd_forward itself (register_autograd, register_vmap), for callers of torch.ops,
-# torch.library.opcheck, and the functorch transforms, under which _dispatch.call hands out the custom op.
+# Eager calls (and the functorch transforms) apply _MMDLoss, an autograd.Function over the backend's implementation:
+# the custom op's own dispatch costs about 16 us a call on a CPU (2026-12-02), more than the whole kernel at small
+# shapes. The same formulas are registered on imm_kernels::mmd_forward itself (register_autograd), which is what
+# torch.compile traces and torch.ops callers and torch.library.opcheck get; the ops' batching rules
+# (register_vmap) serve torch.vmap, under which _dispatch.call hands out the custom ops.
 # The loss is differentiable in every floating input: y_t and y_r from the saved coefficients (one backward kernel),
 # the weight from the per-group MMD (one forward kernel more, only when the weight requires grad), the bandwidth
 # from the input gradients (below, _bandwidth_gradient).
@@ -217,7 +219,6 @@ def _setup(ctx, y_t, y_r, bandwidth, weight, options, output, needs) -> None:
     # The training step's case, which backward serves with the backward kernel alone: only y_t and y_r need
     # gradients and no functorch level is involved.
     ctx.inputs_only = not (ctx.transformed or needs[2] or needs[3])
-
 
 
 def _group_scale(grad_output: Tensor, reduction: str, groups: int, dtype: torch.dtype) -> Tensor:
