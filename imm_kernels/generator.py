@@ -95,7 +95,7 @@ class IMMGenerator(torch.nn.Module):
         for name, value in (("s", s), ("t", t)):
             tensor, number = _validate.time_operand(name, value, batch, x_t.device)
             _validate.time_values(name, tensor)
-            out.append(tensor.to(x_t.device).expand(batch) if tensor is not None
+            out.append(tensor if tensor is not None  # (B,): time_operand expands one value to the batch
                        else torch.full((batch,), number, dtype=torch.float64, device=x_t.device))
         _validate.ordered_values("s", out[0], "t", out[1])
         return out[0], out[1]
