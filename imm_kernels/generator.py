@@ -154,7 +154,8 @@ class IMMGenerator(torch.nn.Module):
         weight w(t) of paper Eq. 13 (its bandwidth is 1 / |c_out(s, t)|). target: the network of the
         stop-gradient pass (an EMA or frozen copy of the wrapped one's shape), default the wrapped network under
         no_grad. online: what to call for the pass with gradient, default this generator; pass DDP(generator)
-        when the generator is wrapped in DistributedDataParallel. generator: the torch.Generator of the times,
+        when the generator is wrapped in DistributedDataParallel (keep the DDP module referenced until backward:
+        its reducer averages the gradients). generator: the torch.Generator of the times,
         noise and label dropout (its device is where they are drawn). delta: r <= t - delta (default 1e-4 under
         float16 autocast, where r and t could round to one value).
 
