@@ -15,6 +15,6 @@ from .generator import IMMGenerator, time_grid  # noqa: E402  (after the ops it 
 __version__ = "0.1.0"
 
 __all__ = [
-    "IMMGenerator", "time_grid", "mmd_loss", "MMDLoss", "interpolate", "interpolate_pair", "ddim", "imm_output", "available_backends",
-    "schedules", "imm", "reference", "__version__",
+    "IMMGenerator", "time_grid", "mmd_loss", "MMDLoss", "interpolate", "interpolate_pair", "ddim", "imm_output",
+    "available_backends", "schedules", "imm", "reference", "__version__",
 ]

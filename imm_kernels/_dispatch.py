@@ -144,6 +144,14 @@ def saved_tensors(ctx) -> tuple:
     return live(saved) if ctx.transformed else saved
 
 
+def replaced(values, indices, replacements) -> list:
+    """values with values[indices[k]] = replacements[k] (the inputs a reference derivative varies)."""
+    values = list(values)
+    for index, replacement in zip(indices, replacements):
+        values[index] = replacement
+    return values
+
+
 def live(tensors) -> tuple:
     """The tensors with wrappers of functorch levels that have ended (tensors saved under torch.func.vjp and read
     by its pullback) replaced by what they wrap, as Function.apply does for its arguments."""

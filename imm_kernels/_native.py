@@ -122,10 +122,14 @@ def restore_order(like: torch.Tensor, permuted: torch.Tensor, out: torch.Tensor)
     return out.permute(*inverse)
 
 
+def batch_first(x: torch.Tensor, dim: int | None, n: int) -> torch.Tensor:
+    """A vmapped operand with its n problems along dimension 0: moved there from `dim`, or expanded when unbatched."""
+    return x.movedim(dim, 0) if dim is not None else x.expand(n, *x.shape)
+
+
 def stacked(x: torch.Tensor, dim: int | None, n: int) -> torch.Tensor:
-    """A vmapped operand as one batch: (n, B, ...) from its batch dimension `dim` (or expanded when unbatched),
-    then (n B, ...)."""
-    x = x.movedim(dim, 0) if dim is not None else x.expand(n, *x.shape)
+    """A vmapped operand as one batch: (n, B, ...) (batch_first), then (n B, ...)."""
+    x = batch_first(x, dim, n)
     return x.reshape(n * x.shape[1], *x.shape[2:])
 
 
@@ -134,8 +138,7 @@ def stacked_per_row(x: torch.Tensor | None, dim: int | None, n: int, count: int)
     dim) as one value per row of the n problems stacked, (n count,); an unbatched single value as it is."""
     if x is None or (dim is None and x.numel() == 1):
         return x
-    x = x.movedim(dim, 0) if dim is not None else x.expand(n, *x.shape)
-    return x.reshape(n, -1).expand(n, count).reshape(n * count)
+    return batch_first(x, dim, n).reshape(n, -1).expand(n, count).reshape(n * count)
 
 
 def unstacked(x: torch.Tensor, n: int) -> torch.Tensor:

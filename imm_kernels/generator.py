@@ -173,10 +173,10 @@ class IMMGenerator(torch.nn.Module):
             raise ValueError(f"labels must be a tensor of shape ({x.shape[0]},) or None")
         groups, device = x.shape[0] // group_size, x.device
         draw_on = generator.device if generator is not None else device
+        if labels is not None and label_dropout and self.null_label is None:
+            raise ValueError("label_dropout needs null_label (the network's 'no class' label)")
         if labels is not None:  # per group, drawn before the times (the examples' order)
             dropped = torch.rand(groups, generator=generator, device=draw_on) < label_dropout
-            if label_dropout and self.null_label is None:
-                raise ValueError("label_dropout needs null_label (the network's 'no class' label)")
             labels = torch.where(dropped.repeat_interleave(group_size).to(labels.device),
                                  self.null_label if self.null_label is not None else 0, labels).to(device)
         if delta is None and torch.is_autocast_enabled(device.type) and (

@@ -15,7 +15,6 @@ from torch import Tensor
 
 from . import _dispatch, _native, _validate, reference
 from .imm import output_coefficients
-from .mmd import _replaced
 from .schedules import SCHEDULES, alpha, sigma
 
 
@@ -183,7 +182,7 @@ def _reference_gradients(ctx, saved, grads) -> list:
     wanted = [index for index, need in enumerate(ctx.needs) if need]
 
     def mapped(*variables):
-        src0, src1, time0, time1 = _replaced(inputs, wanted, variables)
+        src0, src1, time0, time1 = _dispatch.replaced(inputs, wanted, variables)
         matrix = coefficient_matrix(kind, outputs, time0 if time0 is not None else time0_value,
                                     time1 if time1 is not None else time1_value, schedule, param, sigma_data)
         sources, dst = (src0, src1), [0, 0]

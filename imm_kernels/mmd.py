@@ -227,11 +227,6 @@ def _group_scale(grad_output: Tensor, reduction: str, groups: int, dtype: torch.
     return scale / groups if reduction == "mean" else scale
 
 
-def _per_group(tensor: Tensor | None, value: float, groups: int, like: Tensor, dtype: torch.dtype) -> Tensor:
-    return (torch.full((groups,), value, dtype=dtype, device=like.device) if tensor is None
-            else tensor.to(dtype).expand(groups))
-
-
 def _bandwidth_gradient(ctx, saved, grad_output: Tensor, grad_t: Tensor, grad_r: Tensor) -> Tensor:
     """d loss / d bandwidth per group, (G,), from the input gradients grad_t, grad_r of the same grad_output.
 
@@ -250,12 +245,13 @@ def _bandwidth_gradient(ctx, saved, grad_output: Tensor, grad_t: Tensor, grad_r:
     rows = [y.reshape(groups, group_size, -1).to(acc) for y in (y_t, y_r)]
     mean = (rows[0].sum(1, keepdim=True) + rows[1].sum(1, keepdim=True)) / (2 * group_size)
     dots = sum(((y - mean) * g.reshape(y.shape).to(acc)).sum((1, 2)) for y, g in zip(rows, (grad_t, grad_r)))
-    bw = _per_group(bandwidth, bandwidth_value, groups, y_t, acc)
+    bw = reference._per_group(bandwidth, bandwidth_value, groups, y_t, acc)
     grad = dots / ((1 if kernel == "laplace" else 2) * bw)
     if kernel == "laplace" and estimator == "v" and eps > 0:
         features = rows[0].shape[-1]
         floor = torch.exp(-bw * eps / features) * (eps / features) * (2.0 / group_size)
-        scale = _group_scale(grad_output, reduction, groups, acc) * _per_group(weight, weight_value, groups, y_t, acc)
+        weights = reference._per_group(weight, weight_value, groups, y_t, acc)
+        scale = _group_scale(grad_output, reduction, groups, acc) * weights
         grad = grad - scale * floor
     return grad
 
@@ -305,7 +301,7 @@ def _reference_loss(ctx, saved, wanted):
     bandwidth_value, weight_value, group_size, kernel, estimator, eps, reduction, *_ = ctx.options
 
     def loss(*variables):
-        y_t, y_r, bandwidth, weight = _replaced(inputs, wanted, variables)
+        y_t, y_r, bandwidth, weight = _dispatch.replaced(inputs, wanted, variables)
         return reference.mmd_loss(y_t, y_r, group_size, kernel=kernel, estimator=estimator, eps=eps,
                                   reduction=reduction, bandwidth=bandwidth_value if bandwidth is None else bandwidth,
                                   weight=weight_value if weight is None else weight)
@@ -319,14 +315,6 @@ def _reference_gradients(ctx, saved, grad_output: Tensor) -> list:
     inputs, loss = _reference_loss(ctx, saved, wanted)
     grads = iter(torch.func.vjp(loss, *(inputs[index] for index in wanted))[1](grad_output))
     return [next(grads) if need else None for need in ctx.needs]
-
-
-def _replaced(values, indices, replacements) -> list:
-    """values with values[indices[k]] = replacements[k]."""
-    values = list(values)
-    for index, replacement in zip(indices, replacements):
-        values[index] = replacement
-    return values
 
 
 def _gradients(ctx, grad_output: Tensor) -> list:

@@ -60,11 +60,12 @@ def mmd_loss(y_t, y_r, group_size, *, kernel="laplace", bandwidth=1.0, weight=No
     return per_group.sum() if reduction == "sum" else per_group
 
 
-def _per_group(tensor, value, groups: int, like: torch.Tensor) -> torch.Tensor:
-    """A checked bandwidth or weight (tensor or value) as (G,) in like's dtype."""
+def _per_group(tensor, value, groups: int, like: torch.Tensor, dtype: torch.dtype | None = None):
+    """A checked bandwidth or weight (tensor or value) as (G,) on like's device, in `dtype` (default like's)."""
+    dtype = like.dtype if dtype is None else dtype
     if tensor is None:
-        return torch.full((groups,), value, dtype=like.dtype, device=like.device)
-    return tensor.to(like.dtype).reshape(-1).expand(groups)
+        return torch.full((groups,), value, dtype=dtype, device=like.device)
+    return tensor.to(dtype).reshape(-1).expand(groups)
 
 
 def _per_sample(name: str, time, x: torch.Tensor) -> torch.Tensor:

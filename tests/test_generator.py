@@ -269,7 +269,8 @@ def test_two_rank_gloo_ddp_step(wrap):
     single = []
     for rank in range(2):
         net.zero_grad()
-        IMMGenerator(net).loss(x[rank * 8:(rank + 1) * 8], generator=torch.Generator().manual_seed(10 + rank)).backward()
+        loss = IMMGenerator(net).loss(x[rank * 8:(rank + 1) * 8], generator=torch.Generator().manual_seed(10 + rank))
+        loss.backward()
         single.append([p.grad.clone() for p in net.parameters()])
     for rank in range(2):
         for got, a, b in zip(results[rank], *single):
