@@ -13,7 +13,7 @@ import imm_kernels
 from imm_kernels import reference
 
 from .harness import (DEVICES, SMOKE, graph_replay_ms, input_sets, native_providers, peak_extra_bytes, record,
-                      require_backend, sync, time_ms)
+                      reference_mean, require_backend, sync, time_ms)
 
 SHAPES = {  # (G, M, D)
     "cuda": [(1024, 4, 4096), (512, 8, 3072), (64, 16, 16384), (8, 8, 196608)],
@@ -73,19 +73,15 @@ CASES = [pytest.param(d, s, p, id=f"{d}-{'x'.join(map(str, s))}-{p}") for d in D
 
 
 def expected_loss_and_grad(y_t, y_r, group_size, weight):
-    """The float64 reference, a few groups at a time so large shapes fit in memory."""
-    g = y_t.shape[0] // group_size
+    """The float64 reference's loss and y_t gradient."""
     y64 = y_t.detach().double().requires_grad_()
     r64 = y_r.detach().double()
-    per_chunk = max(1, 2**26 // (4 * group_size * group_size * y_t.shape[1]))
-    total = torch.zeros((), dtype=torch.float64, device=y_t.device)
-    for start in range(0, g, per_chunk):
-        rows = slice(start * group_size, min(g, start + per_chunk) * group_size)
-        part = reference.mmd_loss(y64[rows], r64[rows], group_size, bandwidth=BANDWIDTH,
-                                  weight=weight[start:start + per_chunk].double(), reduction="sum") / g
-        part.backward()
-        total += part.detach()
-    return total, y64.grad
+
+    def summed(chunk, rows):
+        return reference.mmd_loss(y64[rows], r64[rows], group_size, bandwidth=BANDWIDTH,
+                                  weight=weight[chunk].double(), reduction="sum")
+
+    return reference_mean(summed, weight.shape[0], group_size, y_t.shape[1], y_t.device), y64.grad
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -5,6 +5,7 @@ extra_info each result carries into pytest-benchmark's JSON."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import statistics
@@ -143,6 +144,19 @@ def _rss_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _unpooled_large_allocations() -> None:
+    """Large CPU tensors in their own mmap, unmapped when freed: glibc otherwise raises its mmap threshold after
+    the first frees and serves later tensors from memory it kept, so a call's temporaries would not show in the
+    peak resident set below (M_MMAP_THRESHOLD = -3 fixes the threshold, at 1 MiB)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 2**20)
+    except (OSError, AttributeError):
+        pass
+
+
+_unpooled_large_allocations()
+
+
 def peak_extra_bytes(run, device: str) -> int | None:
     """Memory the call needs beyond what is allocated before it: the CUDA caching allocator's peak on GPUs,
     the process's peak resident set (reset through /proc/self/clear_refs) on Linux CPUs."""
@@ -161,6 +175,20 @@ def peak_extra_bytes(run, device: str) -> int | None:
         return _rss_bytes("VmHWM:") - before
     except OSError:
         return None
+
+
+def reference_mean(summed_loss, groups: int, group_size: int, features: int, device) -> torch.Tensor:
+    """The mean over groups of a float64 reference loss, and its backward, a few groups at a time so that large
+    shapes fit in memory: summed_loss(chunk, rows) gives the summed loss of the groups in slice `chunk` (rows: their
+    rows)."""
+    per_chunk = max(1, 2**26 // (4 * group_size * group_size * features))
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, groups, per_chunk):
+        chunk = slice(start, min(groups, start + per_chunk))
+        part = summed_loss(chunk, slice(chunk.start * group_size, chunk.stop * group_size)) / groups
+        part.backward()
+        total += part.detach()
+    return total
 
 
 @cache

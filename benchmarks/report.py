@@ -46,8 +46,11 @@ def tables(results: list[dict]) -> str:
         out.append(f"\n#### {op}, {mode.replace('_', '+')}, {device}, {dtype} ({first['machine']})\n")
         graphs = [p for p in providers if any(r["provider"] == p and r.get("graph_ms") for r in rows)]
         header = ["shape"] + [f"{p} ms" for p in providers] + [f"{p} graph ms" for p in graphs]
+        # The loss head's baseline: the same backend's ops composed (composed_<backend> over imm_<backend> time).
+        composed = [p for p in ours if p.replace("imm_", "composed_") in providers]
         for p in ours:
             header += [f"{p} vs eager", f"{p} vs compiled", f"{p} % of copy BW", f"{p} peak / inputs"]
+        header += [f"{p} time / composed" for p in composed]
         if "torch_sum" in providers:  # the read-bandwidth yardstick: time over a plain sum of the same bytes
             header += [f"{p} / torch_sum time" for p in ours]
         out.append("| " + " | ".join(header) + " |")
@@ -65,6 +68,8 @@ def tables(results: list[dict]) -> str:
                 row.append(f"{mine['roofline_pct']:.0f}%")
                 ratio = mine["peak_over_inputs"]
                 row.append("-" if ratio is None else f"{ratio:.2f}")
+            row += [f"{cells[p]['median_ms'] / cells[p.replace('imm_', 'composed_')]['median_ms']:.2f}"
+                    if p in cells and p.replace("imm_", "composed_") in cells else "-" for p in composed]
             if "torch_sum" in providers:
                 row += [f"{cells[p]['median_ms'] / cells['torch_sum']['median_ms']:.1f}" if p in cells and
                         "torch_sum" in cells else "-" for p in ours]

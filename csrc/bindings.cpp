@@ -40,6 +40,10 @@ ScalarArg scalar(uintptr_t data, int64_t stride, bool is_double, double value) {
   return {cptr(data), stride, is_double, value};
 }
 
+OutputMix output_mix(uintptr_t f_t, uintptr_t f_r, int64_t stride_ft, int64_t stride_fr, uintptr_t coefficients) {
+  return {cptr(f_t), cptr(f_r), stride_ft, stride_fr, static_cast<const double*>(cptr(coefficients))};
+}
+
 // The current contract (common/problems.h), the same in both modules.
 void define_current_contract(py::module_& m) {
   m.def("mmd_forward",
@@ -47,7 +51,8 @@ void define_current_contract(py::module_& m) {
            int64_t features, int dtype, int kernel, int estimator, int reduction, double eps, uintptr_t bandwidth,
            int64_t bandwidth_stride, bool bandwidth_double, double bandwidth_value, uintptr_t weight,
            int64_t weight_stride, bool weight_double, double weight_value, uintptr_t out, uintptr_t coefficients,
-           bool check_values, uintptr_t workspace, uintptr_t counter, LaunchArg launch) {
+           bool check_values, uintptr_t workspace, uintptr_t counter, uintptr_t f_t, uintptr_t f_r,
+           int64_t stride_ft, int64_t stride_fr, uintptr_t mix, LaunchArg launch) {
           const MmdForwardProblem p{cptr(y_t),
                                     cptr(y_r),
                                     stride_t,
@@ -66,18 +71,20 @@ void define_current_contract(py::module_& m) {
                                     mptr(coefficients),
                                     check_values,
                                     mptr(workspace),
-                                    mptr(counter)};
+                                    mptr(counter),
+                                    output_mix(f_t, f_r, stride_ft, stride_fr, mix)};
           py::gil_scoped_release release;
           backend::mmd_forward(p, launch);
         });
   m.def("mmd_backward", [](uintptr_t y_t, uintptr_t y_r, int64_t stride_t, int64_t stride_r, int64_t groups,
                            int64_t group_size, int64_t features, int dtype, uintptr_t grad_output,
                            int64_t grad_output_stride, uintptr_t coefficients, uintptr_t grad_t, uintptr_t grad_r,
+                           uintptr_t f_t, uintptr_t f_r, int64_t stride_ft, int64_t stride_fr, uintptr_t mix,
                            LaunchArg launch) {
     const MmdBackwardProblem p{cptr(y_t),        cptr(y_r),          stride_t,           stride_r,
                                groups,           group_size,         features,           to_enum<DType>(dtype, 4, "dtype"),
                                cptr(grad_output), grad_output_stride, cptr(coefficients), mptr(grad_t),
-                               mptr(grad_r)};
+                               mptr(grad_r),     output_mix(f_t, f_r, stride_ft, stride_fr, mix)};
     py::gil_scoped_release release;
     backend::mmd_backward(p, launch);
   });

@@ -26,7 +26,9 @@ AUTO_ORDER = {
 
 # The ops of each family, and the module that registers a backend's implementations of them when imported
 # (imported on first use, so triton is never imported unless asked for).
-FAMILY_OPS = {"mmd": ("mmd_forward", "mmd_backward"), "combine": ("combine",)}
+# The loss head (loss_head.py) runs where mmd_loss does (resolved as "mmd"): its kernels are mmd's with a mix.
+FAMILY_OPS = {"mmd": ("mmd_forward", "mmd_backward"), "combine": ("combine",),
+              "loss_head": ("loss_head_forward", "loss_head_backward")}
 _PROVIDERS = {
     ("mmd", "cpu"): "imm_kernels.mmd",
     ("mmd", "cuda"): "imm_kernels.mmd",
@@ -34,6 +36,8 @@ _PROVIDERS = {
     ("combine", "cpu"): "imm_kernels.interpolant",
     ("combine", "cuda"): "imm_kernels.interpolant",
     ("combine", "triton"): "imm_kernels.triton.interpolant",
+    ("loss_head", "cpu"): "imm_kernels.loss_head",
+    ("loss_head", "triton"): "imm_kernels.triton.mmd",
 }
 _FAMILY = {op: family for family, ops in FAMILY_OPS.items() for op in ops}
 

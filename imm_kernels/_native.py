@@ -59,6 +59,15 @@ def scalar_arg(tensor: torch.Tensor | None, value: float) -> tuple:
     return tensor.data_ptr(), tensor.stride()[0] if tensor.numel() > 1 else 0, tensor.dtype == torch.float64, 0.0
 
 
+def mix_arg(mix) -> tuple:
+    """(f_t, f_r, stride_ft, stride_fr, coefficients) of an OutputMix (common/problems.h) from the loss head's
+    (f_t, f_r, (G, 4) float64 coefficients), or all zeros for None (no mix)."""
+    if mix is None:
+        return 0, 0, 0, 0, 0
+    (f_t, stride_ft, _), (f_r, stride_fr, _) = rows(mix[0]), rows(mix[1])
+    return f_t.data_ptr(), f_r.data_ptr(), stride_ft, stride_fr, mix[2].data_ptr()
+
+
 def _feature_stride(x: torch.Tensor) -> tuple[int, int] | None:
     """(stride between features, count of features) when x's features (all dims but the first) are one
     strided run (packed: stride 1; expanded: stride 0), else None."""

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import _validate, imm, schedules
 from .interpolant import imm_output, interpolate, interpolate_pair
-from .mmd import mmd_loss
+from .loss_head import imm_mmd_loss
 
 TIME_EMBEDDINGS = ("s", "stride")
 SAMPLERS = ("pushforward", "restart")
@@ -133,10 +133,13 @@ class IMMGenerator(torch.nn.Module):
         return g.to(torch.promote_types(g.dtype, torch.float32))
 
     def forward(self, x_t: Tensor, s, t, labels: Tensor | None = None, *, guidance: float = 1.0,
-                network: torch.nn.Module | None = None) -> Tensor:
+                network: torch.nn.Module | None = None, network_output_only: bool = False) -> Tensor:
         """f_{s,t}(x_t) in x_t's dtype: s <= t floats or (B,) tensors; `network` in place of the wrapped one (an
-        EMA copy, say)."""
+        EMA copy, say). network_output_only: G of f = c_skip x_t + c_out G instead (in x_t's dtype), which .loss
+        asks of a DistributedDataParallel wrapper (its forward is this one)."""
         g = self.network_output(x_t, s, t, labels, guidance=guidance, network=network).to(x_t.dtype)
+        if network_output_only:
+            return g
         return imm_output(x_t, g, s, t, schedule=self.schedule, param=self.param, sigma_data=self.sigma_data)
 
     def loss(self, x: Tensor, labels: Tensor | None = None, *, group_size: int = 4, k: float = 12,
@@ -187,16 +190,18 @@ class IMMGenerator(torch.nn.Module):
         noise = (self.sigma_data * torch.randn(x.shape, generator=generator, device=draw_on)).to(device, x.dtype)
         s_rows, r_rows, t_rows = (v.repeat_interleave(group_size).to(device) for v in (s, r, t))
         x_t, x_r = interpolate_pair(x, noise, t_rows, r_rows, schedule=self.schedule, backend=backend)
-        y_t = (self if online is None else online)(x_t, s_rows, t_rows, labels)
+        g_t = (self if online is None else online)(x_t, s_rows, t_rows, labels, network_output_only=True)
         with torch.no_grad():
-            y_r = self(x_r, s_rows, r_rows, labels, network=target)
+            g_r = self(x_r, s_rows, r_rows, labels, network=target, network_output_only=True)
         bandwidth = imm.kernel_bandwidth(s, t, schedule=self.schedule, param=self.param, sigma_data=self.sigma_data)
         weight = imm.time_weight(t, a=a, b=b, schedule=self.schedule)
-        options = dict(kernel=kernel, estimator=estimator, bandwidth=bandwidth.to(device), weight=weight.to(device),
-                       backend=backend)
+        # The loss head: mmd_loss of f_{s,t}(x_t) and f_{s,r}(x_r), the outputs formed inside its kernels.
+        options = dict(schedule=self.schedule, param=self.param, sigma_data=self.sigma_data, kernel=kernel,
+                       estimator=estimator, bandwidth=bandwidth.to(device), weight=weight.to(device), backend=backend)
+        times = [v.to(device) for v in (s, r, t)]
         if not return_parts:
-            return mmd_loss(y_t, y_r, group_size, **options)
-        per_group = mmd_loss(y_t, y_r, group_size, reduction="none", **options)
+            return imm_mmd_loss(x_t, g_t, x_r, g_r, *times, group_size, **options)
+        per_group = imm_mmd_loss(x_t, g_t, x_r, g_r, *times, group_size, reduction="none", **options)
         return per_group.mean(), {"per_group": per_group, "s": s, "r": r, "t": t}
 
     @torch.no_grad()

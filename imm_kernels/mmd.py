@@ -97,7 +97,8 @@ _dispatch.register_custom_op("mmd_backward", torch.ops.imm_kernels.mmd_backward)
 
 @_dispatch.register("mmd_forward", "cpu")
 def _native_forward(y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, group_size, kernel, estimator, eps,
-                    reduction, grad_t, grad_r, backend):
+                    reduction, grad_t, grad_r, backend, mix=None):
+    """The native forward; mix: (f_t, f_r, coefficients) of the loss head (loss_head.py), y_t, y_r being x_t, x_r."""
     groups = y_t.shape[0] // group_size
     out, coefficients = forward_outputs(y_t, group_size, bandwidth, weight, reduction, grad_t, grad_r, backend)
     t, stride_t, features = _native.rows(y_t)
@@ -111,19 +112,21 @@ def _native_forward(y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, 
         t.data_ptr(), r.data_ptr(), stride_t, stride_r, groups, group_size, features, dtype,
         _native.KERNEL_CODES[kernel], _native.ESTIMATOR_CODES[estimator], _native.REDUCTION_CODES[reduction], eps,
         *_native.scalar_arg(bandwidth, bandwidth_value), *_native.scalar_arg(weight, weight_value), out.data_ptr(),
-        _native.ptr(coefficients), y_t.is_cpu, _native.ptr(workspace), _native.ptr(counter), _native.launch_arg(y_t))
+        _native.ptr(coefficients), y_t.is_cpu, _native.ptr(workspace), _native.ptr(counter), *_native.mix_arg(mix),
+        _native.launch_arg(y_t))
     return out, coefficients
 
 
 @_dispatch.register("mmd_backward", "cpu")
-def _native_backward(grad_output, y_t, y_r, saved, group_size, grad_t, grad_r, backend):
+def _native_backward(grad_output, y_t, y_r, saved, group_size, grad_t, grad_r, backend, mix=None):
+    """The native backward; with the loss head's mix (see _native_forward) the gradients are those of f_t, f_r."""
     out_t, out_r = backward_outputs(y_t, grad_t, grad_r)
     t, stride_t, features = _native.rows(y_t)
     r, stride_r, _ = _native.rows(y_r)
     _native.LOADED[backend].mmd_backward(
         t.data_ptr(), r.data_ptr(), stride_t, stride_r, y_t.shape[0] // group_size, group_size, features,
         _native.DTYPE_CODES[y_t.dtype], grad_output.data_ptr(), grad_output.stride(0) if grad_output.ndim else 0,
-        saved.data_ptr(), _native.ptr(out_t), _native.ptr(out_r), _native.launch_arg(y_t))
+        saved.data_ptr(), _native.ptr(out_t), _native.ptr(out_r), *_native.mix_arg(mix), _native.launch_arg(y_t))
     return out_t, out_r
 
 

@@ -103,7 +103,7 @@ fi
 # The GPU cases, the files that matter most first, so that a time limit cuts off the least; CPU-only cases are
 # CI's. test_cuda_build.py builds a wheel: CI's too.
 GPU_TESTS=(tests/test_cuda_graphs.py tests/test_launch_layouts.py tests/test_fuzz.py tests/test_hardening.py
-           tests/test_mmd.py tests/test_interpolant.py tests/test_compile.py)
+           tests/test_mmd.py tests/test_interpolant.py tests/test_compile.py tests/test_loss_head.py)
 echo "gpu_check: test stage, GPU cases (log: $TESTS_LOG)"
 : >"$TESTS_LOG"
 TESTS_STATUS=0
@@ -150,7 +150,7 @@ bench() {  # bench NAME LIMIT FILE [pytest arguments]: one benchmark file's run 
   [ -s "$WORK/gpu_check_$name.json" ] && bench_json+=("$WORK/gpu_check_$name.json")
 }
 bench_deadline=$(($(date +%s) + BENCH_LIMIT))
-for name in bench_overhead bench_mmd bench_interpolant bench_train_step; do  # the per-call cost is quick, then the loss
+for name in bench_overhead bench_mmd bench_interpolant bench_train_step bench_loss_head; do  # per-call cost is quick
   if ! left=$(left_until "$bench_deadline" "$BENCH_LIMIT"); then
     echo "gpu_check: $name skipped: IMM_BENCH_TIMEOUT_S spent" >&2
     BENCH_STATUS=1

@@ -46,6 +46,8 @@ MMD_AND_COMBINE_CPU = ("tests/test_mmd.py", "tests/test_interpolant.py", "-k", "
 IMM = ("tests/test_imm.py",)
 PYTORCH_CPU = ("tests/test_pytorch.py", "-k", "cpu-cpu")
 GENERATOR = ("tests/test_generator.py", "-k", "not ddp")
+LOSS_HEAD_CPU = ("tests/test_loss_head.py", "-k", "cpu-cpu or bad_input")
+LOSS_HEAD_TRITON = ("tests/test_loss_head.py", "-k", "cpu-triton")
 REFERENCE = ("tests/test_reference.py",)
 CUDA_MMD = ("tests/test_mmd.py", "-k", "cuda-cuda")
 CUDA_COMBINE = ("tests/test_interpolant.py", "-k", "cuda-cuda")
@@ -213,8 +215,8 @@ MUTANTS = [
     Mutant("imm_kernels/generator.py", "labels = torch.where(dropped.repeat_interleave(group_size).to(labels.device),",
            "labels = torch.where(dropped.repeat(group_size).to(labels.device),", GENERATOR,
            "label dropout per row pattern instead of per group"),
-    Mutant("imm_kernels/generator.py", "y_r = self(x_r, s_rows, r_rows, labels, network=target)",
-           "y_r = self(x_r, s_rows, t_rows, labels, network=target)", GENERATOR,
+    Mutant("imm_kernels/generator.py", "g_r = self(x_r, s_rows, r_rows, labels, network=target,",
+           "g_r = self(x_r, s_rows, t_rows, labels, network=target,", GENERATOR,
            "the target map f_{s,t} instead of f_{s,r}"),
     Mutant("imm_kernels/generator.py", "noise = (self.sigma_data * torch.randn(", "noise = (1.0 * torch.randn(",
            GENERATOR, "the prior noise N(0, 1) instead of N(0, sigma_data^2)"),
@@ -224,6 +226,29 @@ MUTANTS = [
     Mutant("imm_kernels/generator.py", "middle = [float(schedules.eta_inv(middle_eta, schedule))]",
            "middle = [float(schedules.eta_inv(1.4, schedule))]", GENERATOR,
            "time_grid: middle_eta ignored"),
+    # The fused loss head (tests/test_loss_head.py): the mix in both native backends, the Python around them.
+    Mutant(CPU_MMD, "skip * load<Acc>(row[c]) + scale * load<Acc>(f[c]);",
+           "skip * load<Acc>(row[c]) + scale * load<Acc>(row[c]);", LOSS_HEAD_CPU,
+           "mix: the network output f read as x"),
+    Mutant(CPU_MMD, "rows.out = Acc(p.mix.coefficients[4 * g + 2 * side + 1]);",
+           "rows.out = Acc(p.mix.coefficients[2 * side + 1]);", LOSS_HEAD_CPU,
+           "mix: every group with group 0's c_out"),
+    Mutant(CPU_MMD, "sides[1].f ? scale * sides[1].out : scale", "sides[1].f ? scale * sides[0].out : scale",
+           LOSS_HEAD_CPU, "mix backward: g_r's gradient scaled by c_out(s, t)"),
+    Mutant(TRITON_MMD, "value = side[4].to(ACC) * value + side[5].to(ACC) * f",
+           "value = side[5].to(ACC) * value + side[4].to(ACC) * f", LOSS_HEAD_TRITON, "mix: c_skip and c_out swapped"),
+    Mutant(TRITON_MMD, "side_r = (y_r_ptr, stride_r, f_r_ptr, stride_fr, tl.load(base + 2), tl.load(base + 3))",
+           "side_r = (y_r_ptr, stride_r, f_r_ptr, stride_fr, tl.load(base), tl.load(base + 1))", LOSS_HEAD_TRITON,
+           "mix: the y_r side with f_{s,t}'s coefficients"),
+    Mutant(TRITON_MMD, "scale_r = scale_t * side_r[5].to(ACC)", "scale_r = scale_t * side_t[5].to(ACC)",
+           LOSS_HEAD_TRITON, "mix backward: g_r's gradient scaled by c_out(s, t)"),
+    Mutant("imm_kernels/loss_head.py", "*output_coefficients(s.double(), r.double(), **options)]",
+           "*output_coefficients(s.double(), t.double(), **options)]", LOSS_HEAD_CPU,
+           "the target's coefficients of f_{s,t} instead of f_{s,r}"),
+    Mutant("imm_kernels/loss_head.py", "for v in (x_t, x_r, s, r, t, bw, w)]", "for v in (x_t, x_r, s, r, t, w)]",
+           LOSS_HEAD_CPU, "a bandwidth that requires grad taken down the fused path (its gradient None)"),
+    Mutant("imm_kernels/loss_head.py", "rows[:, 2] * x_r + rows[:, 3] * g_r", "rows[:, 2] * x_r + rows[:, 1] * g_r",
+           LOSS_HEAD_CPU, "second order: the target formed with c_out(s, t)"),
     # The Triton kernels (run by the interpreter).
     Mutant(TRITON_MMD, "-t_minus_r_j * (w + z)", "t_minus_r_j * (w + z)", MMD_TRITON,
            "pass 1: the sign of the y_r side's delta"),
@@ -236,8 +261,8 @@ MUTANTS = [
            "laplace close form: exp(+c gap)"),
     Mutant(TRITON_MMD, "one / (GROUP_SIZE * (GROUP_SIZE - 1))", "one / (GROUP_SIZE * GROUP_SIZE)", MMD_TRITON,
            "U statistic: off-diagonal self weight 1/M^2"),
-    Mutant(TRITON_MMD, "scale = tl.load(grad_output_ptr + group * grad_output_stride)",
-           "scale = tl.load(grad_output_ptr)", MMD_TRITON, "backward: every group scaled by group 0's output gradient"),
+    Mutant(TRITON_MMD, "scale_t = tl.load(grad_output_ptr + group * grad_output_stride)",
+           "scale_t = tl.load(grad_output_ptr)", MMD_TRITON, "backward: every group scaled by group 0's output gradient"),
     Mutant(TRITON_COMBINE, "cross = tl.sin((t - s) * _HALF_PI)", "cross = tl.sin((s - t) * _HALF_PI)", COMBINE_TRITON,
            "cosine: cross term of (s - t)"),
     Mutant(TRITON_COMBINE, "c00, c01, c10, c11 = a0, a1, b0, b1", "c00, c01, c10, c11 = a0, b0, a1, b1",

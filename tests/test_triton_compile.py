@@ -14,9 +14,9 @@ pytest.importorskip("triton")
 ARCHS = [80, 90]
 
 # Pointer parameters in the input dtype, in float64, in int32; every other pointer is in the accumulation dtype.
-INPUT_POINTERS = {"y_t_ptr", "y_r_ptr", "grad_t_ptr", "grad_r_ptr", "grad_output_ptr", "out_ptr", "src0_ptr",
+INPUT_POINTERS = {"y_t_ptr", "y_r_ptr", "f_t_ptr", "f_r_ptr", "grad_t_ptr", "grad_r_ptr", "grad_output_ptr", "out_ptr", "src0_ptr",
                   "src1_ptr", "dst0_ptr", "dst1_ptr"}
-FLOAT64_POINTERS = {"partial_ptr", "sums_ptr"}
+FLOAT64_POINTERS = {"partial_ptr", "sums_ptr", "mix_ptr"}
 INT32_POINTERS = {"counter_ptr"}
 
 
@@ -57,13 +57,14 @@ def variants():
 
     from imm_kernels.triton import interpolant, mmd
 
-    def group_shape(group_size, dtype, features=None, acc=True, design="tile", backward=False):
+    def group_shape(group_size, dtype, features=None, acc=True, design="tile", backward=False, mix=False):
         """The group constexprs, and the tile width for `features` unless None (the finalize has no tiles)."""
         pad = triton.next_power_of_2(group_size)
         shape = dict(GROUP_SIZE=group_size, GROUP_PAD=pad)
         if acc:
             shape["ACC"] = tl.float64 if dtype == "fp64" else tl.float32
             shape["DESIGN"] = design
+            shape["MIX"] = mix
         if features is not None:
             torch_acc = torch.float64 if dtype == "fp64" else torch.float32
             shape["BLOCK_D"] = mmd.block_features(pad, features, torch_acc, torch.device("cuda"), design, backward)
@@ -105,6 +106,17 @@ def variants():
                                                                 backward=True), WRITE_T=True, WRITE_R=dtype == "fp32")
     yield mmd._mmd_partial_sums_kernel, "fp32", dict(group_shape(8, "fp32", 196608, design="stream"),
                                                      num_warps=mmd._STREAM_WARPS)
+
+    # The loss head's mix (loss_head.py): both designs, both directions, narrow and wide types, split and not.
+    for design in ("tile", "stream"):
+        warps = dict(num_warps=mmd._STREAM_WARPS) if design == "stream" else {}
+        for dtype in ("fp32", "bf16", "fp64"):
+            yield mmd._mmd_forward_kernel, dtype, dict(group_shape(4, dtype, 3072, design=design, mix=True),
+                                                       **forward(), **warps)
+            yield mmd._mmd_backward_kernel, dtype, dict(group_shape(4, dtype, 3072, design=design, backward=True,
+                                                                    mix=True), WRITE_T=True, WRITE_R=dtype == "fp32")
+        yield mmd._mmd_partial_sums_kernel, "fp32", dict(group_shape(4, "fp32", 65536, design=design, mix=True),
+                                                         **warps)
 
     # combine: every (kind, schedule, param) of the public ops, forward and transposed (the backward).
     cases = [("interpolate", s, "simple_edm", outputs) for s in ("fm", "cosine") for outputs in (1, 2)]

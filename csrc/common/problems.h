@@ -32,6 +32,16 @@ struct Operand {
   int64_t row_stride, feature_stride;
 };
 
+// The IMM loss head (imm_kernels.imm_mmd_loss): each side's rows are the outputs skip * y + out * f, formed
+// where they are read and never stored, with one (skip, out) pair per group and side; the problem's y_t and y_r
+// are then x_t and x_r, and the backward's gradients are those of f_t and f_r (the out factor inside).
+struct OutputMix {
+  const void* f_t;  // null: no mix, the rows are y_t and y_r themselves
+  const void* f_r;
+  int64_t stride_ft, stride_fr;  // row strides in elements; features are contiguous
+  const double* coefficients;    // [G][4]: skip_t, out_t, skip_r, out_r
+};
+
 // Forward of the grouped MMD: the reduced loss (or one loss per group) and, where asked, the per-pair
 // coefficients that the backward pass turns into gradients (csrc/common/mmd_math.h).
 struct MmdForwardProblem {
@@ -51,6 +61,7 @@ struct MmdForwardProblem {
   bool check_values;    // the operands live in host memory: refuse a bandwidth that is not > 0
   void* workspace;      // GPU kernels: scratch of their mmd_workspace_bytes() (null on CPUs)
   void* counter;        // GPU kernels, reduced loss: a uint32 zero they leave at zero (null on CPUs)
+  OutputMix mix;        // CPU only
 };
 
 // Backward: grad_X_i = go_g sum_j Q_ij (X_i - X_j) + R_ij (X_j - Y_j) for each side X that needs it.
@@ -65,6 +76,7 @@ struct MmdBackwardProblem {
   const void* coefficients;    // from the forward pass
   void* grad_t;                // (B, D) contiguous in the input dtype, or null when not wanted
   void* grad_r;
+  OutputMix mix;  // CPU only
 };
 
 // Per-sample linear combination of two (B, F) operands with coefficients from per-sample times:
@@ -97,8 +109,14 @@ inline void check_sizes(int64_t groups, int64_t group_size, int64_t features, in
   require(stride_t >= 0 && stride_r >= 0, "mmd: row strides must be >= 0");
 }
 
+inline void check(const OutputMix& mix) {
+  require(!mix.f_t == !mix.f_r && (!mix.f_t || mix.coefficients), "mmd: a mix needs f_t, f_r and its coefficients");
+  require(mix.stride_ft >= 0 && mix.stride_fr >= 0, "mmd: row strides must be >= 0");
+}
+
 inline void check(const MmdForwardProblem& p) {
   check_sizes(p.groups, p.group_size, p.features, p.stride_t, p.stride_r);
+  check(p.mix);
   require(p.estimator != Estimator::u || p.group_size >= 2, "mmd: the u estimator needs group_size >= 2");
   require(p.y_t && p.y_r && p.out, "mmd: null input or output pointer");
   if (!(p.eps >= 0 && std::isfinite(p.eps))) fail("eps must be >= 0 and finite; got " + std::to_string(p.eps));
@@ -106,6 +124,7 @@ inline void check(const MmdForwardProblem& p) {
 
 inline void check(const MmdBackwardProblem& p) {
   check_sizes(p.groups, p.group_size, p.features, p.stride_t, p.stride_r);
+  check(p.mix);
   require(p.y_t && p.y_r && p.grad_output && p.coefficients, "mmd backward: null input pointer");
   require(p.grad_output_stride >= 0, "mmd backward: grad_output stride must be >= 0");
 }

@@ -5,6 +5,8 @@
 // and, when a gradient will be wanted, its gradient coefficients; the loss is then reduced (mean, sum, per group).
 // Backward: pass 2 writes grad_X_i = go_g sum_j c_own (X_i - X_j) + c_cross (X_i - Y_j) + c_gap (X_j - Y_j) from
 // those coefficients (two of the three per pair, mmd_math.h).
+// With a loss-head mix (problems.h) both passes form each side's rows as skip * y + out * f where they load them,
+// and pass 2's gradient is f's (go_g times out).
 //
 // Tasks are (group, pair block, feature split), so one huge group spreads over the threads as well as many
 // small groups do, and a thread's scratch is O(kBlockRows^2) whatever M is. Sums that overflow float (inputs
@@ -70,14 +72,49 @@ int64_t feature_splits(int64_t tasks, int64_t features, int threads) {
   return std::max<int64_t>(1, std::min(ceil_div(threads, tasks), features / kMinSplitFeatures));
 }
 
-// Features [d0, d0 + n) of rows[0..count) at base + row * stride into dst (count x width), zero padded.
+// One side's rows of a group as both passes read them: y itself, or with a loss-head mix (problems.h) the
+// output skip * y + out * f, formed in registers.
 template <class In, class Acc>
-IMM_CPU_INLINE void load_rows(const In* base, int64_t stride, int64_t count, int64_t d0, int64_t n, int64_t width, Acc* dst,
-                      const PairBlock* block = nullptr) {
+struct SideRows {
+  const In* y;
+  int64_t stride;
+  const In* f;  // null: no mix
+  int64_t stride_f;
+  Acc skip, out;
+};
+
+// Side 0 (y_t) or 1 (y_r) of group g of a forward or backward problem.
+template <class In, class Acc, class Problem>
+SideRows<In, Acc> group_rows(const Problem& p, int64_t g, int side) {
+  const int64_t first = g * p.group_size, stride = side == 0 ? p.stride_t : p.stride_r;
+  SideRows<In, Acc> rows{static_cast<const In*>(side == 0 ? p.y_t : p.y_r) + first * stride, stride, nullptr, 0,
+                         Acc(1), Acc(0)};
+  if (p.mix.f_t) {
+    rows.stride_f = side == 0 ? p.mix.stride_ft : p.mix.stride_fr;
+    rows.f = static_cast<const In*>(side == 0 ? p.mix.f_t : p.mix.f_r) + first * rows.stride_f;
+    rows.skip = Acc(p.mix.coefficients[4 * g + 2 * side]);
+    rows.out = Acc(p.mix.coefficients[4 * g + 2 * side + 1]);
+  }
+  return rows;
+}
+
+// Features [d0, d0 + n) of `count` rows into dst (count x width), zero padded: rows first.. of src, or the
+// block's rows.
+template <class In, class Acc>
+IMM_CPU_INLINE void load_rows(const SideRows<In, Acc>& src, int64_t first, int64_t count, int64_t d0, int64_t n,
+                              int64_t width, Acc* dst, const PairBlock* block = nullptr) {
   for (int64_t a = 0; a < count; ++a) {
-    const In* row = base + (block ? block->global(a) : a) * stride + d0;
+    const int64_t index = block ? block->global(a) : first + a;
+    const In* row = src.y + index * src.stride + d0;
     Acc* out = dst + a * width;
-    for (int64_t c = 0; c < n; ++c) out[c] = load<Acc>(row[c]);
+    if (src.f) {
+      const In* f = src.f + index * src.stride_f + d0;
+      const Acc skip = src.skip, scale = src.out;  // locals: stores to out[] cannot change them (vectorizes)
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) out[c] = skip * load<Acc>(row[c]) + scale * load<Acc>(f[c]);
+    } else {
+      for (int64_t c = 0; c < n; ++c) out[c] = load<Acc>(row[c]);
+    }
     for (int64_t c = n; c < width; ++c) out[c] = Acc(0);
   }
 }
@@ -98,15 +135,14 @@ IMM_CPU_CLONES void accumulate_block(const MmdForwardProblem& p, int64_t g, cons
   Acc* x = tile;
   Acc* y = tile + rows * width;
   Acc* dl = tile + 2 * rows * width;
-  const In* yt = static_cast<const In*>(p.y_t) + g * p.group_size * p.stride_t;
-  const In* yr = static_cast<const In*>(p.y_r) + g * p.group_size * p.stride_r;
+  const SideRows<In, Acc> yt = group_rows<In, Acc>(p, g, 0), yr = group_rows<In, Acc>(p, g, 1);
   // Per-lane partial sums over the whole range (kept in registers within a tile): one horizontal reduction per
   // pair instead of one per tile and pair.
   std::fill(lanes, lanes + kStatBlocks * ll * kLanes, Acc(0));
   for (int64_t d0 = d_begin; d0 < d_end; d0 += width) {
     const int64_t n = std::min(width, d_end - d0);
-    load_rows<In>(yt, p.stride_t, rows, d0, n, width, x, &block);
-    load_rows<In>(yr, p.stride_r, rows, d0, n, width, y, &block);
+    load_rows(yt, 0, rows, d0, n, width, x, &block);
+    load_rows(yr, 0, rows, d0, n, width, y, &block);
     for (int64_t c = 0; c < rows * width; ++c) dl[c] = x[c] - y[c];
     // |t_a - r_a|^2 of every row (for the gradient's form, mmd_math.h); on the diagonal the pair (a, a), whose
     // deltas it also is, and the self-distances, 0 but computed all the same so that an infinite feature gives
@@ -372,10 +408,11 @@ template <class In, class Acc>
 IMM_CPU_CLONES void gradient_rows(const MmdBackwardProblem& p, int64_t g, int64_t first, int64_t count,
                                   int64_t d_begin, int64_t d_end, Acc* tile) {
   const int64_t m = p.group_size, mm = m * m, rows = std::min(m, kBlockRows), width = tile_width(p.features);
-  const In* yt = static_cast<const In*>(p.y_t) + g * m * p.stride_t;
-  const In* yr = static_cast<const In*>(p.y_r) + g * m * p.stride_r;
+  const SideRows<In, Acc> sides[2] = {group_rows<In, Acc>(p, g, 0), group_rows<In, Acc>(p, g, 1)};
   const Acc* coef = static_cast<const Acc*>(p.coefficients) + g * kCoefBlocks * mm;
-  const Acc go = load<Acc>(static_cast<const In*>(p.grad_output)[g * p.grad_output_stride]);
+  // The output's gradient, and with a mix the out factor of each side's output (the gradient is f's).
+  const Acc scale = load<Acc>(static_cast<const In*>(p.grad_output)[g * p.grad_output_stride]);
+  const Acc scales[2] = {sides[0].f ? scale * sides[0].out : scale, sides[1].f ? scale * sides[1].out : scale};
   In* grads[2] = {static_cast<In*>(p.grad_t), static_cast<In*>(p.grad_r)};
   Acc* own[2] = {tile, tile + rows * width};  // X_i of each side
   Acc* out[2] = {tile + 2 * rows * width, tile + 3 * rows * width};
@@ -384,20 +421,28 @@ IMM_CPU_CLONES void gradient_rows(const MmdBackwardProblem& p, int64_t g, int64_
   Acc* dj = yj + rows * width;
   for (int64_t d0 = d_begin; d0 < d_end; d0 += width) {
     const int64_t n = std::min(width, d_end - d0);
-    load_rows<In>(yt + first * p.stride_t, p.stride_t, count, d0, n, width, own[0]);
-    load_rows<In>(yr + first * p.stride_r, p.stride_r, count, d0, n, width, own[1]);
+    load_rows(sides[0], first, count, d0, n, width, own[0]);
+    load_rows(sides[1], first, count, d0, n, width, own[1]);
     std::fill(out[0], out[0] + 2 * rows * width, Acc(0));
     for (int64_t j0 = 0; j0 < m; j0 += rows) {
       const int64_t size = std::min(rows, m - j0);
-      load_rows<In>(yt + j0 * p.stride_t, p.stride_t, size, d0, n, width, xj);
-      load_rows<In>(yr + j0 * p.stride_r, p.stride_r, size, d0, n, width, yj);
-      for (int64_t c = 0; c < size * width; ++c) dj[c] = xj[c] - yj[c];
+      // Partner rows t_j, r_j: the tile's own rows where they are this block (every group of M <= kBlockRows),
+      // else loaded.
+      const Acc* tj = own[0];
+      const Acc* rj = own[1];
+      if (j0 != first || size != count) {
+        load_rows(sides[0], j0, size, d0, n, width, xj);
+        load_rows(sides[1], j0, size, d0, n, width, yj);
+        tj = xj;
+        rj = yj;
+      }
+      for (int64_t c = 0; c < size * width; ++c) dj[c] = tj[c] - rj[c];
       for (int side = 0; side < 2; ++side) {
         if (!grads[side]) continue;
         // y_t side: X = t, Y = r, X_j - Y_j = t_j - r_j; y_r side: X = r, Y = t, X_j - Y_j = r_j - t_j.
-        const Acc* xs = side == 0 ? xj : yj;
-        const Acc* ys = side == 0 ? yj : xj;
-        const Acc sign = side == 0 ? Acc(1) : Acc(-1);
+        const Acc* xs = side == 0 ? tj : rj;
+        const Acc* ys = side == 0 ? rj : tj;
+        const Acc sign = side == 0 ? Acc(1) : Acc(-1), go = scales[side];
         const Acc* side_coef = coef + side * kSideBlocks * mm;
         for (int64_t a = 0; a < count; ++a) {
           const Acc* xi = own[side] + a * width;

@@ -154,12 +154,35 @@ def _tile_indices(group, d0, end, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.conste
 
 
 @triton.jit
-def _load_tile(y_t_ptr, y_r_ptr, stride_t, stride_r, row, feature, mask, ACC: tl.constexpr):
-    """One tile of y_t and y_r rows in the accumulation dtype, zero outside the mask. (Converted right after
-    the load: narrow-float arithmetic is wrong in the Triton interpreter.)"""
-    x = tl.load(y_t_ptr + row * stride_t + feature, mask=mask, other=0.0).to(ACC)
-    y = tl.load(y_r_ptr + row * stride_r + feature, mask=mask, other=0.0).to(ACC)
-    return x, y
+def _sides(y_t_ptr, y_r_ptr, stride_t, stride_r, f_t_ptr, f_r_ptr, stride_ft, stride_fr, mix_ptr, group,
+           MIX: tl.constexpr):
+    """Each side's rows as the loads read them, (y, row stride, f, row stride, skip, out): y itself, or with the
+    loss head's mix (loss_head.py) the output skip * y + out * f, skip and out (float64) from mix[group]."""
+    if MIX:
+        base = mix_ptr + group.to(tl.int64) * 4
+        side_t = (y_t_ptr, stride_t, f_t_ptr, stride_ft, tl.load(base), tl.load(base + 1))
+        side_r = (y_r_ptr, stride_r, f_r_ptr, stride_fr, tl.load(base + 2), tl.load(base + 3))
+    else:
+        side_t = (y_t_ptr, stride_t, y_t_ptr, stride_t, _float64(1.0), _float64(0.0))
+        side_r = (y_r_ptr, stride_r, y_r_ptr, stride_r, _float64(1.0), _float64(0.0))
+    return side_t, side_r
+
+
+@triton.jit
+def _load_side(side, row, feature, mask, ACC: tl.constexpr, MIX: tl.constexpr):
+    """Rows `row` (int64), features `feature` of one side in the accumulation dtype, zero outside the mask.
+    (Converted right after the load: narrow-float arithmetic is wrong in the Triton interpreter.)"""
+    value = tl.load(side[0] + row * side[1] + feature, mask=mask, other=0.0).to(ACC)
+    if MIX:
+        f = tl.load(side[2] + row * side[3] + feature, mask=mask, other=0.0).to(ACC)
+        value = side[4].to(ACC) * value + side[5].to(ACC) * f
+    return value
+
+
+@triton.jit
+def _load_tile(side_t, side_r, row, feature, mask, ACC: tl.constexpr, MIX: tl.constexpr):
+    """One tile of y_t and y_r rows (see _sides) in the accumulation dtype, zero outside the mask."""
+    return _load_side(side_t, row, feature, mask, ACC, MIX), _load_side(side_r, row, feature, mask, ACC, MIX)
 
 
 @triton.jit
@@ -180,8 +203,8 @@ def _pair_products(x, y):
 
 
 @triton.jit
-def _pair_sums(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, GROUP_SIZE: tl.constexpr,
-               GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+def _pair_sums(side_t, side_r, group, start, end, GROUP_SIZE: tl.constexpr,
+               GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, MIX: tl.constexpr):
     """Pass 1 over features [start, end) of one group: (tt, rr, tr, dt, dr), each GROUP_PAD x GROUP_PAD."""
     tt = tl.zeros((GROUP_PAD, GROUP_PAD), ACC)
     rr = tl.zeros((GROUP_PAD, GROUP_PAD), ACC)
@@ -190,7 +213,7 @@ def _pair_sums(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, GROUP_SI
     dr = tl.zeros((GROUP_PAD, GROUP_PAD), ACC)
     for d0 in range(start, end, BLOCK_D):
         row, feature, mask = _tile_indices(group, d0, end, GROUP_SIZE, GROUP_PAD, BLOCK_D)
-        x, y = _load_tile(y_t_ptr, y_r_ptr, stride_t, stride_r, row, feature, mask, ACC)
+        x, y = _load_tile(side_t, side_r, row, feature, mask, ACC, MIX)
         tt_d, rr_d, tr_d, dt_d, dr_d = _pair_products(x, y)
         tt += tl.sum(tt_d, axis=2)
         rr += tl.sum(rr_d, axis=2)
@@ -201,17 +224,16 @@ def _pair_sums(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, GROUP_SI
 
 
 @triton.jit
-def _member_row(pointer, stride, group, member, d0, end, GROUP_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
-                ACC: tl.constexpr):
+def _member_row(side, group, member, d0, end, GROUP_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+                MIX: tl.constexpr):
     """Features [d0, d0 + BLOCK_D) of row `member` of a group, as a (1, BLOCK_D) tile in ACC, zero past `end`."""
     feature = d0 + tl.arange(0, BLOCK_D)[None, :]
-    row = group.to(tl.int64) * GROUP_SIZE + member
-    return tl.load(pointer + row * stride + feature, mask=feature < end, other=0.0).to(ACC)
+    return _load_side(side, group.to(tl.int64) * GROUP_SIZE + member, feature, feature < end, ACC, MIX)
 
 
 @triton.jit
-def _pair_sums_stream(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, GROUP_SIZE: tl.constexpr,
-                      GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+def _pair_sums_stream(side_t, side_r, group, start, end, GROUP_SIZE: tl.constexpr,
+                      GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, MIX: tl.constexpr):
     """_pair_sums in the "stream" design: the (M, M, BLOCK_D) products accumulate elementwise over the tiles and
     are reduced once at the end, not once per tile (the reduction's shuffles then cost nothing per byte)."""
     tt = tl.zeros((GROUP_PAD, GROUP_PAD, BLOCK_D), ACC)
@@ -221,7 +243,7 @@ def _pair_sums_stream(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, G
     dr = tl.zeros((GROUP_PAD, GROUP_PAD, BLOCK_D), ACC)
     for d0 in range(start, end, BLOCK_D):
         row, feature, mask = _tile_indices(group, d0, end, GROUP_SIZE, GROUP_PAD, BLOCK_D)
-        x, y = _load_tile(y_t_ptr, y_r_ptr, stride_t, stride_r, row, feature, mask, ACC)
+        x, y = _load_tile(side_t, side_r, row, feature, mask, ACC, MIX)
         tt_d, rr_d, tr_d, dt_d, dr_d = _pair_products(x, y)
         tt += tt_d
         rr += rr_d
@@ -232,33 +254,33 @@ def _pair_sums_stream(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, G
 
 
 @triton.jit
-def _design_pair_sums(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, GROUP_SIZE: tl.constexpr,
-                      GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, DESIGN: tl.constexpr):
+def _design_pair_sums(side_t, side_r, group, start, end, GROUP_SIZE: tl.constexpr,
+                      GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, DESIGN: tl.constexpr,
+                      MIX: tl.constexpr):
     """Pass 1 in the chosen design (_dispatch.VARIANTS["IMM_TRITON_MMD"])."""
     if DESIGN == "stream":
-        sums = _pair_sums_stream(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, GROUP_SIZE, GROUP_PAD,
-                               BLOCK_D, ACC)
+        sums = _pair_sums_stream(side_t, side_r, group, start, end, GROUP_SIZE, GROUP_PAD, BLOCK_D, ACC, MIX)
     else:
-        sums = _pair_sums(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, GROUP_SIZE, GROUP_PAD, BLOCK_D,
-                          ACC)
+        sums = _pair_sums(side_t, side_r, group, start, end, GROUP_SIZE, GROUP_PAD, BLOCK_D, ACC, MIX)
     return sums
 
 
 @triton.jit
-def _pair_sums_f64(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, GROUP_SIZE: tl.constexpr,
-                   GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, DESIGN: tl.constexpr):
+def _pair_sums_f64(side_t, side_r, group, start, end, GROUP_SIZE: tl.constexpr,
+                   GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, DESIGN: tl.constexpr,
+                   MIX: tl.constexpr):
     """Pass-1 sums as float64: in ACC, and summed again in float64 where ACC overflowed (inputs near 1e19 and
     beyond in float32; finite inputs then give the float64 answer; NaN and inf inputs give NaN either way)."""
-    tt, rr, tr, dt, dr = _design_pair_sums(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end, GROUP_SIZE,
-                                           GROUP_PAD, BLOCK_D, ACC, DESIGN)
+    tt, rr, tr, dt, dr = _design_pair_sums(side_t, side_r, group, start, end, GROUP_SIZE, GROUP_PAD, BLOCK_D, ACC,
+                                           DESIGN, MIX)
     tt, rr, tr, dt, dr = tt.to(tl.float64), rr.to(tl.float64), tr.to(tl.float64), dt.to(tl.float64), dr.to(tl.float64)
     if ACC != tl.float64:
         # Any inf or NaN among the sums makes this sum of magnitudes inf or NaN (float32 values cannot reach
         # float64's overflow by adding up).
         size = tl.sum(tl.sum(tl.abs(tt) + tl.abs(rr) + tl.abs(tr) + tl.abs(dt) + tl.abs(dr), axis=1), axis=0)
         if (size >= float("inf")) | (size != size):
-            tt, rr, tr, dt, dr = _design_pair_sums(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start, end,
-                                                   GROUP_SIZE, GROUP_PAD, BLOCK_D, tl.float64, DESIGN)
+            tt, rr, tr, dt, dr = _design_pair_sums(side_t, side_r, group, start, end, GROUP_SIZE, GROUP_PAD, BLOCK_D,
+                                                   tl.float64, DESIGN, MIX)
     return tt, rr, tr, dt, dr
 
 
@@ -341,17 +363,20 @@ def _finalize_group(tt, rr, tr, dt, dr, group, bandwidth_ptr, bandwidth_stride, 
 
 
 @triton.jit
-def _mmd_forward_kernel(y_t_ptr, y_r_ptr, stride_t, stride_r, bandwidth_ptr, bandwidth_stride,
+def _mmd_forward_kernel(y_t_ptr, y_r_ptr, stride_t, stride_r, f_t_ptr, f_r_ptr, stride_ft, stride_fr, mix_ptr,
+                        bandwidth_ptr, bandwidth_stride,
                         bandwidth_value: tl.float64, weight_ptr, weight_stride, weight_value: tl.float64,
                         eps: tl.float64, grad_scale: tl.float64, groups, features, out_ptr, partial_ptr, counter_ptr,
                         coefficients_ptr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, KERNEL: tl.constexpr,
                         ESTIMATOR: tl.constexpr, REDUCTION: tl.constexpr, BANDWIDTH_TENSOR: tl.constexpr,
                         WEIGHT_TENSOR: tl.constexpr, SAVE: tl.constexpr, BLOCK_D: tl.constexpr,
-                        ACC: tl.constexpr, DESIGN: tl.constexpr):
+                        ACC: tl.constexpr, DESIGN: tl.constexpr, MIX: tl.constexpr):
     """All of one group's forward (grid: G): pass 1, the finalize, its share of the reduction."""
     group = tl.program_id(0)
-    tt, rr, tr, dt, dr = _pair_sums_f64(y_t_ptr, y_r_ptr, stride_t, stride_r, group, 0, features, GROUP_SIZE,
-                                        GROUP_PAD, BLOCK_D, ACC, DESIGN)
+    side_t, side_r = _sides(y_t_ptr, y_r_ptr, stride_t, stride_r, f_t_ptr, f_r_ptr, stride_ft, stride_fr, mix_ptr,
+                            group, MIX)
+    tt, rr, tr, dt, dr = _pair_sums_f64(side_t, side_r, group, 0, features, GROUP_SIZE, GROUP_PAD, BLOCK_D, ACC,
+                                        DESIGN, MIX)
     _finalize_group(tt, rr, tr, dt, dr, group, bandwidth_ptr, bandwidth_stride, bandwidth_value, weight_ptr,
                     weight_stride, weight_value, eps, grad_scale, groups, features, out_ptr, partial_ptr, counter_ptr,
                     coefficients_ptr, GROUP_SIZE, GROUP_PAD, KERNEL, ESTIMATOR, REDUCTION, BANDWIDTH_TENSOR,
@@ -376,17 +401,19 @@ def _scalar(pointer, stride, value, index, TENSOR: tl.constexpr):
 
 
 @triton.jit
-def _mmd_partial_sums_kernel(y_t_ptr, y_r_ptr, stride_t, stride_r, features, chunk, sums_ptr,
+def _mmd_partial_sums_kernel(y_t_ptr, y_r_ptr, stride_t, stride_r, f_t_ptr, f_r_ptr, stride_ft, stride_fr, mix_ptr,
+                             features, chunk, sums_ptr,
                              GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-                             ACC: tl.constexpr, DESIGN: tl.constexpr):
+                             ACC: tl.constexpr, DESIGN: tl.constexpr, MIX: tl.constexpr):
     """Split forward, pass 1 of one feature chunk of one group (grid: G x chunks) into sums[group, chunk]
     (5 GROUP_PAD x GROUP_PAD blocks, float64)."""
     group = tl.program_id(0)
     part = tl.program_id(1)
     start = part * chunk
-    tt, rr, tr, dt, dr = _pair_sums_f64(y_t_ptr, y_r_ptr, stride_t, stride_r, group, start,
-                                        tl.minimum(start + chunk, features), GROUP_SIZE, GROUP_PAD, BLOCK_D, ACC,
-                                        DESIGN)
+    side_t, side_r = _sides(y_t_ptr, y_r_ptr, stride_t, stride_r, f_t_ptr, f_r_ptr, stride_ft, stride_fr, mix_ptr,
+                            group, MIX)
+    tt, rr, tr, dt, dr = _pair_sums_f64(side_t, side_r, group, start, tl.minimum(start + chunk, features), GROUP_SIZE,
+                                        GROUP_PAD, BLOCK_D, ACC, DESIGN, MIX)
     square = GROUP_PAD * GROUP_PAD
     offsets = tl.arange(0, GROUP_PAD)[:, None] * GROUP_PAD + tl.arange(0, GROUP_PAD)[None, :]
     out = sums_ptr + (group.to(tl.int64) * tl.num_programs(1) + part) * (PAIR_SUMS * square) + offsets
@@ -453,28 +480,28 @@ def _coefficient_column(blocks, block, j, scale, GROUP_SIZE: tl.constexpr, GROUP
 
 
 @triton.jit
-def _write_gradients_rows(y_t_ptr, y_r_ptr, stride_t, stride_r, features, blocks, scale, grad_t_ptr, grad_r_ptr,
-                          group, start, end, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr,
-                          WRITE_T: tl.constexpr, WRITE_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+def _write_gradients_rows(side_t, side_r, features, blocks, scale_t, scale_r, grad_t_ptr, grad_r_ptr, group, start, end,
+                          GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, WRITE_T: tl.constexpr,
+                          WRITE_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, MIX: tl.constexpr):
     """The backward in the "stream" design: each partner row j streams past the group's (M, BLOCK_D) tiles, its
     coefficient columns scaling the differences; the gradient tiles accumulate elementwise (no reduction)."""
     for d0 in range(start, end, BLOCK_D):
         row, feature, mask = _tile_indices(group, d0, end, GROUP_SIZE, GROUP_PAD, BLOCK_D)
-        x, y = _load_tile(y_t_ptr, y_r_ptr, stride_t, stride_r, row, feature, mask, ACC)
+        x, y = _load_tile(side_t, side_r, row, feature, mask, ACC, MIX)
         grad_t = tl.zeros((GROUP_PAD, BLOCK_D), ACC)
         grad_r = tl.zeros((GROUP_PAD, BLOCK_D), ACC)
         for j in range(GROUP_SIZE):
-            x_j = _member_row(y_t_ptr, stride_t, group, j, d0, end, GROUP_SIZE, BLOCK_D, ACC)
-            y_j = _member_row(y_r_ptr, stride_r, group, j, d0, end, GROUP_SIZE, BLOCK_D, ACC)
+            x_j = _member_row(side_t, group, j, d0, end, GROUP_SIZE, BLOCK_D, ACC, MIX)
+            y_j = _member_row(side_r, group, j, d0, end, GROUP_SIZE, BLOCK_D, ACC, MIX)
             d_j = x_j - y_j
             if WRITE_T:  # X = y_t, Y = y_r: X_j - Y_j = t_j - r_j
-                grad_t += (_coefficient_column(blocks, 0, j, scale, GROUP_SIZE, GROUP_PAD, ACC) * (x - x_j)
-                           + _coefficient_column(blocks, 1, j, scale, GROUP_SIZE, GROUP_PAD, ACC) * (x - y_j)
-                           + _coefficient_column(blocks, 2, j, scale, GROUP_SIZE, GROUP_PAD, ACC) * d_j)
+                grad_t += (_coefficient_column(blocks, 0, j, scale_t, GROUP_SIZE, GROUP_PAD, ACC) * (x - x_j)
+                           + _coefficient_column(blocks, 1, j, scale_t, GROUP_SIZE, GROUP_PAD, ACC) * (x - y_j)
+                           + _coefficient_column(blocks, 2, j, scale_t, GROUP_SIZE, GROUP_PAD, ACC) * d_j)
             if WRITE_R:  # X = y_r, Y = y_t: X_j - Y_j = r_j - t_j
-                grad_r += (_coefficient_column(blocks, 3, j, scale, GROUP_SIZE, GROUP_PAD, ACC) * (y - y_j)
-                           + _coefficient_column(blocks, 4, j, scale, GROUP_SIZE, GROUP_PAD, ACC) * (y - x_j)
-                           - _coefficient_column(blocks, 5, j, scale, GROUP_SIZE, GROUP_PAD, ACC) * d_j)
+                grad_r += (_coefficient_column(blocks, 3, j, scale_r, GROUP_SIZE, GROUP_PAD, ACC) * (y - y_j)
+                           + _coefficient_column(blocks, 4, j, scale_r, GROUP_SIZE, GROUP_PAD, ACC) * (y - x_j)
+                           - _coefficient_column(blocks, 5, j, scale_r, GROUP_SIZE, GROUP_PAD, ACC) * d_j)
         offset = row * features + feature
         if WRITE_T:
             tl.store(grad_t_ptr + offset, grad_t.to(grad_t_ptr.dtype.element_ty), mask=mask)
@@ -483,32 +510,40 @@ def _write_gradients_rows(y_t_ptr, y_r_ptr, stride_t, stride_r, features, blocks
 
 
 @triton.jit
-def _mmd_backward_kernel(y_t_ptr, y_r_ptr, stride_t, stride_r, features, chunk, coefficients_ptr, grad_output_ptr,
-                         grad_output_stride, grad_t_ptr, grad_r_ptr, GROUP_SIZE: tl.constexpr,
-                         GROUP_PAD: tl.constexpr, WRITE_T: tl.constexpr, WRITE_R: tl.constexpr,
-                         BLOCK_D: tl.constexpr, ACC: tl.constexpr, DESIGN: tl.constexpr):
-    """The gradients of one feature chunk of one group (grid: G x chunks), scaled by the output's gradient."""
+def _mmd_backward_kernel(y_t_ptr, y_r_ptr, stride_t, stride_r, f_t_ptr, f_r_ptr, stride_ft, stride_fr, mix_ptr,
+                         features, chunk, coefficients_ptr, grad_output_ptr, grad_output_stride, grad_t_ptr,
+                         grad_r_ptr, GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, WRITE_T: tl.constexpr,
+                         WRITE_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, DESIGN: tl.constexpr,
+                         MIX: tl.constexpr):
+    """The gradients of one feature chunk of one group (grid: G x chunks), scaled by the output's gradient (and
+    with a mix by each side's out factor: the gradients are f's)."""
     group = tl.program_id(0)
     start = tl.program_id(1) * chunk
     end = tl.minimum(start + chunk, features)
-    scale = tl.load(grad_output_ptr + group * grad_output_stride).to(ACC)
+    side_t, side_r = _sides(y_t_ptr, y_r_ptr, stride_t, stride_r, f_t_ptr, f_r_ptr, stride_ft, stride_fr, mix_ptr,
+                            group, MIX)
+    scale_t = tl.load(grad_output_ptr + group * grad_output_stride).to(ACC)
+    scale_r = scale_t
+    if MIX:
+        scale_r = scale_t * side_r[5].to(ACC)
+        scale_t = scale_t * side_t[5].to(ACC)
     square = GROUP_SIZE * GROUP_SIZE
     group_blocks = coefficients_ptr + group.to(tl.int64) * (2 * SIDE_BLOCKS * square)
     if DESIGN == "stream":
-        _write_gradients_rows(y_t_ptr, y_r_ptr, stride_t, stride_r, features, group_blocks, scale, grad_t_ptr,
-                              grad_r_ptr, group, start, end, GROUP_SIZE, GROUP_PAD, WRITE_T, WRITE_R, BLOCK_D, ACC)
+        _write_gradients_rows(side_t, side_r, features, group_blocks, scale_t, scale_r, grad_t_ptr, grad_r_ptr, group,
+                              start, end, GROUP_SIZE, GROUP_PAD, WRITE_T, WRITE_R, BLOCK_D, ACC, MIX)
         return
     offsets, mask = _square_offsets(GROUP_SIZE, GROUP_PAD)
     blocks = group_blocks + offsets
-    own_t = scale * tl.load(blocks, mask=mask, other=0.0).to(ACC)
-    cross_t = scale * tl.load(blocks + square, mask=mask, other=0.0).to(ACC)
-    gap_t = scale * tl.load(blocks + 2 * square, mask=mask, other=0.0).to(ACC)
-    own_r = scale * tl.load(blocks + 3 * square, mask=mask, other=0.0).to(ACC)
-    cross_r = scale * tl.load(blocks + 4 * square, mask=mask, other=0.0).to(ACC)
-    gap_r = scale * tl.load(blocks + 5 * square, mask=mask, other=0.0).to(ACC)
+    own_t = scale_t * tl.load(blocks, mask=mask, other=0.0).to(ACC)
+    cross_t = scale_t * tl.load(blocks + square, mask=mask, other=0.0).to(ACC)
+    gap_t = scale_t * tl.load(blocks + 2 * square, mask=mask, other=0.0).to(ACC)
+    own_r = scale_r * tl.load(blocks + 3 * square, mask=mask, other=0.0).to(ACC)
+    cross_r = scale_r * tl.load(blocks + 4 * square, mask=mask, other=0.0).to(ACC)
+    gap_r = scale_r * tl.load(blocks + 5 * square, mask=mask, other=0.0).to(ACC)
     for d0 in range(start, end, BLOCK_D):
         row, feature, tile_mask = _tile_indices(group, d0, end, GROUP_SIZE, GROUP_PAD, BLOCK_D)
-        x, y = _load_tile(y_t_ptr, y_r_ptr, stride_t, stride_r, row, feature, tile_mask, ACC)
+        x, y = _load_tile(side_t, side_r, row, feature, tile_mask, ACC, MIX)
         offset = row * features + feature
         if WRITE_T:
             grad = _side_gradient(x, y, own_t, cross_t, gap_t)
@@ -548,9 +583,15 @@ def scalar_operand(tensor, value, placeholder):
     return tensor, tensor.stride()[0] if tensor.numel() > 1 else 0, value
 
 
-def _layout(y_t, y_r, group_size, backward=False):
-    """Rows (B, D) with packed features, their strides, and the launch shapes of a direction."""
+def _layout(y_t, y_r, group_size, mix, backward=False):
+    """The rows' arguments (y_t, y_r, their row strides, then the mix's: f_t, f_r, their strides, the (G, 4)
+    coefficients; placeholders without a mix), and the launch shapes of a direction."""
     (t, stride_t, features), (r, stride_r, _) = _native.rows(y_t), _native.rows(y_r)
+    if mix is None:
+        rows = (t, r, stride_t, stride_r, t, r, stride_t, stride_r, t)
+    else:
+        (f_t, stride_ft, _), (f_r, stride_fr, _) = _native.rows(mix[0]), _native.rows(mix[1])
+        rows = (t, r, stride_t, stride_r, f_t, f_r, stride_ft, stride_fr, mix[2])
     groups = y_t.shape[0] // group_size
     acc = _validate.accumulation_dtype(y_t.dtype)
     group_pad = triton.next_power_of_2(group_size)
@@ -558,17 +599,18 @@ def _layout(y_t, y_r, group_size, backward=False):
     block_d = block_features(group_pad, features, acc, y_t.device, design, backward)
     chunk = feature_chunk(groups, features, block_d)
     shape = dict(GROUP_SIZE=group_size, GROUP_PAD=group_pad, ACC=tl.float64 if acc == torch.float64 else tl.float32,
-                 DESIGN=design)
-    return (t, r, stride_t, stride_r), groups, features, block_d, chunk, shape
+                 DESIGN=design, MIX=mix is not None)
+    return rows, groups, features, block_d, chunk, shape
 
 
 @_dispatch.register("mmd_forward", "triton")
 def mmd_forward(y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, group_size, kernel, estimator, eps,
-                reduction, grad_t, grad_r, backend):
+                reduction, grad_t, grad_r, backend, mix=None):
+    """mix: (f_t, f_r, coefficients) of the loss head (loss_head.py), y_t and y_r being x_t and x_r."""
     out, coefficients = forward_outputs(y_t, group_size, bandwidth, weight, reduction, grad_t, grad_r, backend)
     if y_t.device.type == "cpu":  # under the interpreter: the native CPU backend's value check
         _validate.positive_values("bandwidth", bandwidth, "group")
-    rows, groups, features, block_d, chunk, shape = _layout(y_t, y_r, group_size)
+    rows, groups, features, block_d, chunk, shape = _layout(y_t, y_r, group_size, mix)
     chunks = triton.cdiv(features, chunk)
     reduced = reduction != "none"
     partial = torch.empty(groups if reduced else 0, dtype=torch.float64, device=y_t.device)
@@ -587,18 +629,31 @@ def mmd_forward(y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, grou
             sums = torch.empty((groups, chunks, PAIR_SUMS.value, square), dtype=torch.float64, device=y_t.device)
             _mmd_partial_sums_kernel[(groups, chunks)](*rows, features, chunk, sums, BLOCK_D=block_d, num_warps=warps,
                                                        **shape)
-            del flags["ACC"], flags["DESIGN"]
+            del flags["ACC"], flags["DESIGN"], flags["MIX"]
             _mmd_finalize_kernel[(groups,)](sums, chunks, *scalars, *finish, **flags)
     return out, coefficients
 
 
 @_dispatch.register("mmd_backward", "triton")
-def mmd_backward(grad_output, y_t, y_r, saved, group_size, grad_t, grad_r, backend):
+def mmd_backward(grad_output, y_t, y_r, saved, group_size, grad_t, grad_r, backend, mix=None):
+    """With the loss head's mix (see mmd_forward) the gradients are those of f_t and f_r."""
     out_t, out_r = backward_outputs(y_t, grad_t, grad_r)
-    rows, groups, features, block_d, chunk, shape = _layout(y_t, y_r, group_size, backward=True)
+    rows, groups, features, block_d, chunk, shape = _layout(y_t, y_r, group_size, mix, backward=True)
     grads = (out_t if out_t is not None else saved, out_r if out_r is not None else saved)
     with torch.cuda.device_of(y_t):
         _mmd_backward_kernel[(groups, triton.cdiv(features, chunk))](
             *rows, features, chunk, saved, grad_output, grad_output.stride(0) if grad_output.ndim else 0, *grads,
             WRITE_T=grad_t, WRITE_R=grad_r, BLOCK_D=block_d, **shape)
     return out_t, out_r
+
+
+@_dispatch.register("loss_head_forward", "triton")
+def loss_head_forward(x_t, g_t, x_r, g_r, coefficients, bandwidth, bandwidth_value, weight, weight_value, group_size,
+                      kernel, estimator, eps, reduction, grad_t, grad_r, backend):
+    return mmd_forward(x_t, x_r, bandwidth, bandwidth_value, weight, weight_value, group_size, kernel, estimator, eps,
+                       reduction, grad_t, grad_r, backend, mix=(g_t, g_r, coefficients))
+
+
+@_dispatch.register("loss_head_backward", "triton")
+def loss_head_backward(grad_output, x_t, g_t, x_r, g_r, coefficients, saved, group_size, grad_t, grad_r, backend):
+    return mmd_backward(grad_output, x_t, x_r, saved, group_size, grad_t, grad_r, backend, mix=(g_t, g_r, coefficients))

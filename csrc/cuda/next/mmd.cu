@@ -282,6 +282,7 @@ int64_t mmd_workspace_bytes(int64_t groups, int64_t group_size, int64_t features
 
 void mmd_forward(const MmdForwardProblem& problem, uintptr_t stream) {
   check(problem);
+  require(!problem.mix.f_t, "mmd: the CUDA backend has no loss-head mix (imm_mmd_loss composes its ops there)");
   require(problem.workspace != nullptr, "mmd: the CUDA backend needs a workspace (see mmd_workspace_bytes)");
   require(problem.reduction == Reduction::none || problem.counter != nullptr, "mmd: a reduced loss needs a counter");
   require(problem.features < (int64_t(1) << 31), "mmd: the CUDA backend takes fewer than 2^31 features");
@@ -293,6 +294,7 @@ void mmd_forward(const MmdForwardProblem& problem, uintptr_t stream) {
 
 void mmd_backward(const MmdBackwardProblem& problem, uintptr_t stream) {
   check(problem);
+  require(!problem.mix.f_t, "mmd: the CUDA backend has no loss-head mix (imm_mmd_loss composes its ops there)");
   require(problem.features < (int64_t(1) << 31), "mmd: the CUDA backend takes fewer than 2^31 features");
   const DeviceOf device(problem.y_t);
   dispatch_dtype(problem.dtype, [&](auto in, auto acc) {
