@@ -79,7 +79,7 @@ def kernel_rows(arch: int) -> list[str]:
     rows, seen = [], set()
     for kernel, dtype, constexprs in variants():
         key = (kernel.__name__, dtype, constexprs.get("DESIGN", ""), constexprs.get("GROUP_SIZE", ""),
-               constexprs.get("BLOCK_F", ""))
+               constexprs.get("BLOCK_F", ""), constexprs.get("MIX", False))
         if key in seen:
             continue
         seen.add(key)
@@ -90,7 +90,8 @@ def kernel_rows(arch: int) -> list[str]:
         usage = resource_usage(compiled.asm["cubin"])
         warps = compiled.metadata.num_warps
         resident = min(WARPS_PER_SM, REGISTERS_PER_SM // max(1, usage["REG"] * 32 * warps) * warps)
-        shape = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k in ("GROUP_SIZE", "BLOCK_D", "BLOCK_F"))
+        shape = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k in ("GROUP_SIZE", "BLOCK_D", "BLOCK_F")
+                          or (k == "MIX" and v))
         rows.append(f"| {kernel.__name__} | {dtype} | {constexprs.get('DESIGN', '-')} | {shape} | {usage['REG']} | "
                     f"{usage['STACK']} | {compiled.metadata.shared} | v{widest['ld']} / v{widest['st']} | "
                     f"{resident} |")

@@ -233,6 +233,8 @@ MUTANTS = [
     Mutant(CPU_MMD, "rows.out = Acc(p.mix.coefficients[4 * g + 2 * side + 1]);",
            "rows.out = Acc(p.mix.coefficients[2 * side + 1]);", LOSS_HEAD_CPU,
            "mix: every group with group 0's c_out"),
+    Mutant(CPU_MMD, "if (j0 != first) {", "if (j0 != 0) {", MMD_CPU,
+           "backward: a group's first row block taken for every block's partners (M > 16)"),
     Mutant(CPU_MMD, "sides[1].f ? scale * sides[1].out : scale", "sides[1].f ? scale * sides[0].out : scale",
            LOSS_HEAD_CPU, "mix backward: g_r's gradient scaled by c_out(s, t)"),
     Mutant(TRITON_MMD, "value = side[4].to(ACC) * value + side[5].to(ACC) * f",

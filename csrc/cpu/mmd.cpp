@@ -430,7 +430,7 @@ IMM_CPU_CLONES void gradient_rows(const MmdBackwardProblem& p, int64_t g, int64_
       // else loaded.
       const Acc* tj = own[0];
       const Acc* rj = own[1];
-      if (j0 != first || size != count) {
+      if (j0 != first) {
         load_rows(sides[0], j0, size, d0, n, width, xj);
         load_rows(sides[1], j0, size, d0, n, width, yj);
         tj = xj;
