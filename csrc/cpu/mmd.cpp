@@ -426,8 +426,8 @@ IMM_CPU_CLONES void gradient_rows(const MmdBackwardProblem& p, int64_t g, int64_
     std::fill(out[0], out[0] + 2 * rows * width, Acc(0));
     for (int64_t j0 = 0; j0 < m; j0 += rows) {
       const int64_t size = std::min(rows, m - j0);
-      // Partner rows t_j, r_j: the tile's own rows where they are this block (every group of M <= kBlockRows),
-      // else loaded.
+      // Partner rows t_j, r_j: the tile's own rows on the diagonal block (a group of M <= kBlockRows has only
+      // that one), else loaded.
       const Acc* tj = own[0];
       const Acc* rj = own[1];
       if (j0 != first) {
