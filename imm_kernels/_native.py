@@ -59,13 +59,20 @@ def scalar_arg(tensor: torch.Tensor | None, value: float) -> tuple:
     return tensor.data_ptr(), tensor.stride()[0] if tensor.numel() > 1 else 0, tensor.dtype == torch.float64, 0.0
 
 
+def mix_rows(mix) -> tuple:
+    """(f_t, f_r, stride_ft, stride_fr, coefficients) of the loss head's mix (f_t, f_r, (G, 4) float64
+    coefficients): f_t and f_r as rows with packed features (rows()) and their row strides."""
+    (f_t, stride_ft, _), (f_r, stride_fr, _) = rows(mix[0]), rows(mix[1])
+    return f_t, f_r, stride_ft, stride_fr, mix[2]
+
+
 def mix_arg(mix) -> tuple:
-    """(f_t, f_r, stride_ft, stride_fr, coefficients) of an OutputMix (common/problems.h) from the loss head's
-    (f_t, f_r, (G, 4) float64 coefficients), or all zeros for None (no mix)."""
+    """mix_rows(mix) as an OutputMix's arguments (common/problems.h: pointers and strides), or all zeros for None
+    (no mix)."""
     if mix is None:
         return 0, 0, 0, 0, 0
-    (f_t, stride_ft, _), (f_r, stride_fr, _) = rows(mix[0]), rows(mix[1])
-    return f_t.data_ptr(), f_r.data_ptr(), stride_ft, stride_fr, mix[2].data_ptr()
+    f_t, f_r, stride_ft, stride_fr, coefficients = mix_rows(mix)
+    return f_t.data_ptr(), f_r.data_ptr(), stride_ft, stride_fr, coefficients.data_ptr()
 
 
 def _feature_stride(x: torch.Tensor) -> tuple[int, int] | None:
@@ -170,6 +177,12 @@ def reduction_counter(device: torch.device) -> torch.Tensor:
 
 # Tests set IMM_KERNELS_POISON=1 so that every output a kernel fails to write shows up as NaN.
 POISON = os.environ.get("IMM_KERNELS_POISON") == "1"
+
+
+def op_outputs(like: torch.Tensor, first: torch.Tensor | None, second: torch.Tensor | None) -> tuple:
+    """A custom op's two outputs: the schemas have no optional outputs, so a missing one is an empty tensor (of
+    like's dtype and device) there."""
+    return tuple(out if out is not None else like.new_empty(0) for out in (first, second))
 
 
 def new_output(like: torch.Tensor, shape, dtype: torch.dtype | None = None) -> torch.Tensor:

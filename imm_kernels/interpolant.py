@@ -33,7 +33,7 @@ def combine(src0: Tensor, src1: Tensor | None, time0: Tensor | None, time0_value
     the coefficients of `kind` ("interpolate" or "imm_output", with `outputs` forward outputs) come from the
     times: a (B,) or 0-d float32/float64 tensor, or None for the plain value beside it. Returns (dst0, dst1), an
     unwritten one as an empty tensor."""
-    return _op_outputs(src0, *_dispatch.implementation("combine", backend)(
+    return _native.op_outputs(src0, *_dispatch.implementation("combine", backend)(
         src0, src1, time0, time0_value, time1, time1_value, kind, outputs, transpose, write0, write1, schedule, param,
         sigma_data, backend))
 
@@ -41,12 +41,7 @@ def combine(src0: Tensor, src1: Tensor | None, time0: Tensor | None, time0_value
 @combine.register_fake
 def _(src0, src1, time0, time0_value, time1, time1_value, kind, outputs, transpose, write0, write1, schedule, param,
       sigma_data, backend):
-    return _op_outputs(src0, *combine_outputs(src0, write0, write1))
-
-
-def _op_outputs(like: Tensor, dst0: Tensor | None, dst1: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The custom op's schema has no optional outputs: an unwritten one is an empty tensor there."""
-    return tuple(dst if dst is not None else like.new_empty(0) for dst in (dst0, dst1))
+    return _native.op_outputs(src0, *combine_outputs(src0, write0, write1))
 
 
 _dispatch.register_custom_op("combine", torch.ops.imm_kernels.combine)

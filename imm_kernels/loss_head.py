@@ -30,11 +30,6 @@ from .mmd import _native_backward, _native_forward, backward_outputs, forward_ou
 _FUSED_BACKENDS = ("cpu", "triton")
 
 
-def _op_outputs(first: Tensor, second: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The custom ops' schemas have no optional outputs: a missing one is an empty tensor there."""
-    return first if first is not None else second.new_empty(0), second if second is not None else first.new_empty(0)
-
-
 @torch.library.custom_op("imm_kernels::loss_head_forward", mutates_args=())
 def loss_head_forward(x_t: Tensor, g_t: Tensor, x_r: Tensor, g_r: Tensor, coefficients: Tensor,
                       bandwidth: Tensor | None, bandwidth_value: float, weight: Tensor | None, weight_value: float,
@@ -42,17 +37,16 @@ def loss_head_forward(x_t: Tensor, g_t: Tensor, x_r: Tensor, g_r: Tensor, coeffi
                       grad_r: bool, backend: str) -> tuple[Tensor, Tensor]:
     """mmd_forward of the outputs c_skip x + c_out g of each side; coefficients: (G, 4) float64 rows (c_skip(s, t),
     c_out(s, t), c_skip(s, r), c_out(s, r)). grad_t, grad_r: whether g_t's, g_r's gradient will be wanted."""
-    out, saved = _dispatch.implementation("loss_head_forward", backend)(
+    return _native.op_outputs(x_t, *_dispatch.implementation("loss_head_forward", backend)(
         x_t, g_t, x_r, g_r, coefficients, bandwidth, bandwidth_value, weight, weight_value, group_size, kernel,
-        estimator, eps, reduction, grad_t, grad_r, backend)
-    return out, saved if saved is not None else out.new_empty(0)
+        estimator, eps, reduction, grad_t, grad_r, backend))
 
 
 @loss_head_forward.register_fake
 def _(x_t, g_t, x_r, g_r, coefficients, bandwidth, bandwidth_value, weight, weight_value, group_size, kernel,
       estimator, eps, reduction, grad_t, grad_r, backend):
-    out, saved = forward_outputs(x_t, group_size, bandwidth, weight, reduction, grad_t, grad_r, backend)
-    return out, saved if saved is not None else out.new_empty(0)
+    return _native.op_outputs(x_t, *forward_outputs(x_t, group_size, bandwidth, weight, reduction, grad_t, grad_r,
+                                                     backend))
 
 
 @torch.library.custom_op("imm_kernels::loss_head_backward", mutates_args=())
@@ -60,13 +54,13 @@ def loss_head_backward(grad_output: Tensor, x_t: Tensor, g_t: Tensor, x_r: Tenso
                        saved: Tensor, group_size: int, grad_t: bool, grad_r: bool,
                        backend: str) -> tuple[Tensor, Tensor]:
     """The gradients of g_t and g_r (an unwanted one empty), scaled by grad_output, from the forward's state."""
-    return _op_outputs(*_dispatch.implementation("loss_head_backward", backend)(
+    return _native.op_outputs(g_t, *_dispatch.implementation("loss_head_backward", backend)(
         grad_output, x_t, g_t, x_r, g_r, coefficients, saved, group_size, grad_t, grad_r, backend))
 
 
 @loss_head_backward.register_fake
 def _(grad_output, x_t, g_t, x_r, g_r, coefficients, saved, group_size, grad_t, grad_r, backend):
-    return _op_outputs(*backward_outputs(g_t, grad_t, grad_r))
+    return _native.op_outputs(g_t, *backward_outputs(g_t, grad_t, grad_r))
 
 
 _dispatch.register_custom_op("loss_head_forward", torch.ops.imm_kernels.loss_head_forward)

@@ -46,11 +46,6 @@ def forward_outputs(y_t: Tensor, group_size: int, bandwidth: Tensor | None, weig
                                    _validate.accumulation_dtype(y_t.dtype))
 
 
-def _op_outputs(first: Tensor, second: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The custom ops' schemas have no optional outputs: a missing one is an empty tensor there."""
-    return first, first.new_empty(0) if second is None else second
-
-
 @torch.library.custom_op("imm_kernels::mmd_forward", mutates_args=())
 def mmd_forward(y_t: Tensor, y_r: Tensor, bandwidth: Tensor | None, bandwidth_value: float, weight: Tensor | None,
                 weight_value: float, group_size: int, kernel: str, estimator: str, eps: float, reduction: str,
@@ -58,7 +53,7 @@ def mmd_forward(y_t: Tensor, y_r: Tensor, bandwidth: Tensor | None, bandwidth_va
     """The reduced weight * MMD of (B, ...) inputs in groups of group_size rows, and the saved state of the
     backward op (see forward_outputs). bandwidth, weight: a 0-d or (G,) float32/float64 tensor, or None for the
     plain value beside it."""
-    return _op_outputs(*_dispatch.implementation("mmd_forward", backend)(
+    return _native.op_outputs(y_t, *_dispatch.implementation("mmd_forward", backend)(
         y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, group_size, kernel, estimator, eps, reduction,
         grad_t, grad_r, backend))
 
@@ -66,7 +61,7 @@ def mmd_forward(y_t: Tensor, y_r: Tensor, bandwidth: Tensor | None, bandwidth_va
 @mmd_forward.register_fake
 def _(y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, group_size, kernel, estimator, eps, reduction,
       grad_t, grad_r, backend):
-    return _op_outputs(*forward_outputs(y_t, group_size, bandwidth, weight, reduction, grad_t, grad_r, backend))
+    return _native.op_outputs(y_t, *forward_outputs(y_t, group_size, bandwidth, weight, reduction, grad_t, grad_r, backend))
 
 
 @torch.library.custom_op("imm_kernels::mmd_backward", mutates_args=())
@@ -76,7 +71,7 @@ def mmd_backward(grad_output: Tensor, y_t: Tensor, y_r: Tensor, saved: Tensor, g
     reduction "none"), from the forward op's saved state."""
     out_t, out_r = _dispatch.implementation("mmd_backward", backend)(grad_output, y_t, y_r, saved, group_size, grad_t,
                                                                      grad_r, backend)
-    return _op_outputs(out_t if out_t is not None else y_t.new_empty(0), out_r)
+    return _native.op_outputs(y_t, out_t, out_r)
 
 
 def backward_outputs(y_t: Tensor, grad_t: bool, grad_r: bool):
@@ -88,7 +83,7 @@ def backward_outputs(y_t: Tensor, grad_t: bool, grad_r: bool):
 @mmd_backward.register_fake
 def _(grad_output, y_t, y_r, saved, group_size, grad_t, grad_r, backend):
     out_t, out_r = backward_outputs(y_t, grad_t, grad_r)
-    return _op_outputs(out_t if out_t is not None else y_t.new_empty(0), out_r)
+    return _native.op_outputs(y_t, out_t, out_r)
 
 
 _dispatch.register_custom_op("mmd_forward", torch.ops.imm_kernels.mmd_forward)

@@ -587,11 +587,8 @@ def _layout(y_t, y_r, group_size, mix, backward=False):
     """The rows' arguments (y_t, y_r, their row strides, then the mix's: f_t, f_r, their strides, the (G, 4)
     coefficients; placeholders without a mix), and the launch shapes of a direction."""
     (t, stride_t, features), (r, stride_r, _) = _native.rows(y_t), _native.rows(y_r)
-    if mix is None:
-        rows = (t, r, stride_t, stride_r, t, r, stride_t, stride_r, t)
-    else:
-        (f_t, stride_ft, _), (f_r, stride_fr, _) = _native.rows(mix[0]), _native.rows(mix[1])
-        rows = (t, r, stride_t, stride_r, f_t, f_r, stride_ft, stride_fr, mix[2])
+    rows = (t, r, stride_t, stride_r,
+            *(_native.mix_rows(mix) if mix is not None else (t, r, stride_t, stride_r, t)))
     groups = y_t.shape[0] // group_size
     acc = _validate.accumulation_dtype(y_t.dtype)
     group_pad = triton.next_power_of_2(group_size)
