@@ -142,6 +142,12 @@ class Function(torch.autograd.Function):
         return super(torch.autograd.Function, cls).apply(*live(args))
 
 
+def eager_apply(function):
+    """function.apply for an old-form autograd.Function called outside the functorch transforms, without its
+    checks for them and for setup_context (the caller has made both); the caller passes live_tensor()s."""
+    return super(torch.autograd.Function, function).apply
+
+
 def saved_tensors(ctx) -> tuple:
     """ctx.saved_tensors, unwrapped by live() where the forward ran under a functorch transform (ctx.transformed)."""
     saved = ctx.saved_tensors
@@ -156,10 +162,14 @@ def replaced(values, indices, replacements) -> list:
     return values
 
 
-def live(tensors) -> tuple:
-    """The tensors with wrappers of functorch levels that have ended (tensors saved under torch.func.vjp and read
-    by its pullback) replaced by what they wrap, as Function.apply does for its arguments."""
-    return tuple(torch._C._functorch.unwrap_if_dead(x) if isinstance(x, torch.Tensor) else x for x in tensors)
+#: A tensor, or a wrapper of a functorch level that has ended (a tensor saved under torch.func.vjp and read by its
+#: pullback) replaced by what it wraps, as Function.apply does for its arguments.
+live_tensor = torch._C._functorch.unwrap_if_dead
+
+
+def live(tensors) -> list:
+    """live_tensor of each tensor among `tensors`, the others as they are."""
+    return [live_tensor(x) if isinstance(x, torch.Tensor) else x for x in tensors]
 
 
 def call(op: str, backend: str) -> Callable:

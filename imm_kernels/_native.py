@@ -66,11 +66,14 @@ def mix_rows(mix) -> tuple:
     return f_t, f_r, stride_ft, stride_fr, mix[2]
 
 
+_NO_MIX = (0, 0, 0, 0, 0)
+
+
 def mix_arg(mix) -> tuple:
     """mix_rows(mix) as an OutputMix's arguments (common/problems.h: pointers and strides), or all zeros for None
     (no mix)."""
     if mix is None:
-        return 0, 0, 0, 0, 0
+        return _NO_MIX
     f_t, f_r, stride_ft, stride_fr, coefficients = mix_rows(mix)
     return f_t.data_ptr(), f_r.data_ptr(), stride_ft, stride_fr, coefficients.data_ptr()
 
@@ -185,9 +188,14 @@ def op_outputs(like: torch.Tensor, first: torch.Tensor | None, second: torch.Ten
     return tuple(out if out is not None else like.new_empty(0) for out in (first, second))
 
 
-def new_output(like: torch.Tensor, shape, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """An uninitialized output on like's device, in like's dtype unless given (NaN-filled under POISON)."""
-    out = like.new_empty(shape) if dtype is None else like.new_empty(shape, dtype=dtype)
+def new_output(like: torch.Tensor, shape=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialized contiguous output on like's device, in like's shape and dtype unless given (NaN-filled
+    under POISON). like's shape is the common case and goes through empty_like, which costs about half of
+    new_empty on a CPU (0.7 against 1.2 us, 2026-12-02)."""
+    if shape is None:
+        out = torch.empty_like(like, memory_format=torch.contiguous_format)
+    else:
+        out = like.new_empty(shape) if dtype is None else like.new_empty(shape, dtype=dtype)
     if POISON and not isinstance(out, torch._subclasses.FakeTensor):
         out.fill_(float("nan"))
     return out

@@ -21,8 +21,8 @@ from .schedules import SCHEDULES, alpha, sigma
 def combine_outputs(src0: Tensor, write0: bool, write1: bool):
     """The destinations, contiguous in src0's shape; None for an unwanted one."""
 
-    return (_native.new_output(src0, src0.shape) if write0 else None,
-            _native.new_output(src0, src0.shape) if write1 else None)
+    return (_native.new_output(src0) if write0 else None,
+            _native.new_output(src0) if write1 else None)
 
 
 @torch.library.custom_op("imm_kernels::combine", mutates_args=())

@@ -35,8 +35,9 @@ def forward_outputs(y_t: Tensor, group_size: int, bandwidth: Tensor | None, weig
     None): the coefficients, or with the GPU-verified CUDA kernels the gradients themselves ([n, B, ...] in the
     input dtype)."""
     groups = y_t.shape[0] // group_size
-    _validate.native_scalar("bandwidth", bandwidth, groups, y_t)
-    _validate.native_scalar("weight", weight, groups, y_t)
+    if bandwidth is not None or weight is not None:
+        _validate.native_scalar("bandwidth", bandwidth, groups, y_t)
+        _validate.native_scalar("weight", weight, groups, y_t)
     out = _native.new_output(y_t, () if reduction != "none" else (groups,))
     if not (grad_t or grad_r):
         return out, None
@@ -76,8 +77,8 @@ def mmd_backward(grad_output: Tensor, y_t: Tensor, y_r: Tensor, saved: Tensor, g
 
 def backward_outputs(y_t: Tensor, grad_t: bool, grad_r: bool):
     """The gradients asked for, in y_t's shape and dtype; None for the other."""
-    return (_native.new_output(y_t, y_t.shape) if grad_t else None,
-            _native.new_output(y_t, y_t.shape) if grad_r else None)
+    return (_native.new_output(y_t) if grad_t else None,
+            _native.new_output(y_t) if grad_r else None)
 
 
 @mmd_backward.register_fake
@@ -93,22 +94,23 @@ _dispatch.register_custom_op("mmd_backward", torch.ops.imm_kernels.mmd_backward)
 @_dispatch.register("mmd_forward", "cpu")
 def _native_forward(y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, group_size, kernel, estimator, eps,
                     reduction, grad_t, grad_r, backend, mix=None):
-    """The native forward; mix: (f_t, f_r, coefficients) of the loss head (loss_head.py), y_t, y_r being x_t, x_r."""
+    """The native forward; mix: (f_t, f_r, coefficients) of the loss head (loss_head.py), y_t, y_r being x_t, x_r.
+    Written flat: at small shapes this Python is a fifth of a training step's mmd_loss call."""
     groups = y_t.shape[0] // group_size
     out, coefficients = forward_outputs(y_t, group_size, bandwidth, weight, reduction, grad_t, grad_r, backend)
-    t, stride_t, features = _native.rows(y_t)
-    r, stride_r, _ = _native.rows(y_r)
-    module, dtype = _native.LOADED[backend], _native.DTYPE_CODES[y_t.dtype]
-    workspace = counter = None
-    if not y_t.is_cpu:  # GPU kernels: scratch from torch's allocator, the reduction's counter
+    (t, stride_t, features), (r, stride_r, _) = _native.rows(y_t), _native.rows(y_r)
+    module, dtype, on_cpu = _native.LOADED[backend], _native.DTYPE_CODES[y_t.dtype], y_t.is_cpu
+    workspace = counter = 0
+    if not on_cpu:  # GPU kernels: scratch from torch's allocator, the reduction's counter
         workspace = y_t.new_empty(module.mmd_workspace_bytes(groups, group_size, features, dtype), dtype=torch.uint8)
-        counter = _native.reduction_counter(y_t.device) if reduction != "none" else None
+        counter = _native.reduction_counter(y_t.device).data_ptr() if reduction != "none" else 0
+        workspace = workspace.data_ptr() if workspace.numel() else 0
     module.mmd_forward(
         t.data_ptr(), r.data_ptr(), stride_t, stride_r, groups, group_size, features, dtype,
         _native.KERNEL_CODES[kernel], _native.ESTIMATOR_CODES[estimator], _native.REDUCTION_CODES[reduction], eps,
         *_native.scalar_arg(bandwidth, bandwidth_value), *_native.scalar_arg(weight, weight_value), out.data_ptr(),
-        _native.ptr(coefficients), y_t.is_cpu, _native.ptr(workspace), _native.ptr(counter), *_native.mix_arg(mix),
-        _native.launch_arg(y_t))
+        0 if coefficients is None else coefficients.data_ptr(), on_cpu, workspace, counter, *_native.mix_arg(mix),
+        torch.get_num_threads() if on_cpu else _native.launch_arg(y_t))
     return out, coefficients
 
 
@@ -116,12 +118,13 @@ def _native_forward(y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, 
 def _native_backward(grad_output, y_t, y_r, saved, group_size, grad_t, grad_r, backend, mix=None):
     """The native backward; with the loss head's mix (see _native_forward) the gradients are those of f_t, f_r."""
     out_t, out_r = backward_outputs(y_t, grad_t, grad_r)
-    t, stride_t, features = _native.rows(y_t)
-    r, stride_r, _ = _native.rows(y_r)
+    (t, stride_t, features), (r, stride_r, _) = _native.rows(y_t), _native.rows(y_r)
+    on_cpu = y_t.is_cpu
     _native.LOADED[backend].mmd_backward(
         t.data_ptr(), r.data_ptr(), stride_t, stride_r, y_t.shape[0] // group_size, group_size, features,
         _native.DTYPE_CODES[y_t.dtype], grad_output.data_ptr(), grad_output.stride(0) if grad_output.ndim else 0,
-        saved.data_ptr(), _native.ptr(out_t), _native.ptr(out_r), *_native.mix_arg(mix), _native.launch_arg(y_t))
+        saved.data_ptr(), out_t.data_ptr() if grad_t else 0, out_r.data_ptr() if grad_r else 0,
+        *_native.mix_arg(mix), torch.get_num_threads() if on_cpu else _native.launch_arg(y_t))
     return out_t, out_r
 
 
@@ -203,20 +206,19 @@ def _op_arguments(y_t, y_r, bandwidth, weight, options):
     return (y_t, y_r, bandwidth, options[0], weight, options[1], *options[2:])
 
 
-def _setup(ctx, y_t, y_r, bandwidth, weight, options, output, needs) -> None:
-    """What both entry points keep for the gradients: needs = which of (y_t, y_r, bandwidth, weight) need one."""
-    saved = output[1]
-    if saved is not None:  # None: no input gradient was asked of the forward (only the weight needs one)
-        ctx.mark_non_differentiable(saved)
-    ctx.set_materialize_grads(False)  # no zeros for the saved state's gradient
+def _setup(ctx, y_t, y_r, bandwidth, weight, options, saved, needs, transformed: bool) -> None:
+    """What every entry point keeps for the gradients: saved is the forward op's saved state (None when no input
+    gradient was asked of it: only the weight needs one); needs = which of (y_t, y_r, bandwidth, weight) need
+    one; transformed: whether a functorch transform or forward-mode AD is active (_dispatch.transforming())."""
     ctx.save_for_backward(y_t, y_r, saved, bandwidth, weight)
-    ctx.transformed = _dispatch.transforming()
-    if ctx.transformed:  # forward mode may follow (jvp)
+    ctx.transformed = transformed
+    if transformed:  # forward mode may follow (jvp)
         ctx.save_for_forward(y_t, y_r, saved, bandwidth, weight)
     ctx.options, ctx.needs = options, needs
-    # The training step's case, which backward serves with the backward kernel alone: only y_t and y_r need
-    # gradients and no functorch level is involved.
-    ctx.inputs_only = not (ctx.transformed or needs[2] or needs[3])
+    # The training step's case, which backward serves with the backward kernel alone: no functorch level is
+    # involved, and exactly the inputs among y_t and y_r that the forward made ready for (its grad flags) need
+    # gradients.
+    ctx.inputs_only = not (ctx.transformed or needs[2] or needs[3]) and (needs[0], needs[1]) == options[7:9]
 
 
 def _group_scale(grad_output: Tensor, reduction: str, groups: int, dtype: torch.dtype) -> Tensor:
@@ -318,7 +320,10 @@ def _reference_gradients(ctx, saved, grad_output: Tensor) -> list:
 def _gradients(ctx, grad_output: Tensor) -> list:
     """[grad y_t, grad y_r, grad bandwidth, grad weight], None for an input that needs none."""
     if ctx.inputs_only and not torch.is_grad_enabled() and grad_output is not None:  # the hot path
-        return _gradient_parts(ctx, ctx.saved_tensors, grad_output, ctx.needs)
+        y_t, y_r, state, _, _ = ctx.saved_tensors
+        _, _, group_size, _, _, _, _, grad_t, grad_r, backend = ctx.options
+        return [*_dispatch.call("mmd_backward", backend)(grad_output, y_t, y_r, state, group_size, grad_t, grad_r,
+                                                         backend), None, None]
     if grad_output is None:  # the loss was not used
         return [None] * 4
     saved = _dispatch.saved_tensors(ctx)  # (y_t, y_r, forward state, bandwidth, weight)
@@ -360,11 +365,38 @@ def _tangent(ctx, tangent_t, tangent_r, tangent_bw, tangent_w) -> Tensor:
     return (total if reduction == "none" else total.sum()).to(y_t.dtype)
 
 
+def _mark_saved(ctx, saved) -> None:
+    """For the entry points that return the saved state as an output (the custom op's schema, the transforms)."""
+    if saved is not None:
+        ctx.mark_non_differentiable(saved)
+    ctx.set_materialize_grads(False)  # no zeros for the saved state's gradient
+
+
+class _EagerMMDLoss(torch.autograd.Function):
+    """The eager entry point outside the functorch transforms: mmd_forward's implementation with the formulas
+    above, in the old form (forward and setup in one Python call) with the loss alone as its output, the saved
+    state kept on ctx. Together about 1.5 us a call less than _MMDLoss on a CPU (2026-12-02), where a small
+    call's whole budget is about 45 us. options: mmd_forward's arguments after weight, bandwidth_value and
+    weight_value first (see _op_arguments): one argument, because Function.apply costs per argument."""
+
+    @staticmethod
+    def forward(ctx, y_t, y_r, bandwidth, weight, options):
+        out, saved = _dispatch.call("mmd_forward", options[-1])(*_op_arguments(y_t, y_r, bandwidth, weight, options))
+        _setup(ctx, y_t, y_r, bandwidth, weight, options, saved, ctx.needs_input_grad[:4], False)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return (*_gradients(ctx, grad_output), None)
+
+
+_eager_mmd_loss = _dispatch.eager_apply(_EagerMMDLoss)
+
+
 class _MMDLoss(_dispatch.Function):
-    """The eager entry point: mmd_forward's implementation with the formulas above. options: mmd_forward's
-    arguments after weight, bandwidth_value and weight_value first (see _op_arguments): one argument, because
-    Function.apply costs per argument. Under torch.vmap the forward and backward are vmapped through the custom
-    ops' batching rules (generate_vmap_rule)."""
+    """The entry point under the functorch transforms and forward-mode AD (_EagerMMDLoss's, in the form they
+    need: setup_context, jvp). Under torch.vmap the forward and backward are vmapped through the custom ops'
+    batching rules (generate_vmap_rule)."""
 
     generate_vmap_rule = True
 
@@ -375,7 +407,9 @@ class _MMDLoss(_dispatch.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         y_t, y_r, bandwidth, weight, options = inputs
-        _setup(ctx, y_t, y_r, bandwidth, weight, options, output, ctx.needs_input_grad[:4])
+        _mark_saved(ctx, output[1])
+        _setup(ctx, y_t, y_r, bandwidth, weight, options, output[1], ctx.needs_input_grad[:4],
+               _dispatch.transforming())
 
     @staticmethod
     def backward(ctx, grad_output, _grad_saved):
@@ -389,8 +423,9 @@ class _MMDLoss(_dispatch.Function):
 def _op_setup_context(ctx, inputs, output):
     y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, *rest = inputs
     needs = ctx.needs_input_grad
-    _setup(ctx, y_t, y_r, bandwidth, weight, (bandwidth_value, weight_value, *rest), output,
-           (needs[0], needs[1], needs[2], needs[4]))
+    _mark_saved(ctx, output[1])
+    _setup(ctx, y_t, y_r, bandwidth, weight, (bandwidth_value, weight_value, *rest), output[1],
+           (needs[0], needs[1], needs[2], needs[4]), _dispatch.transforming())
 
 
 def _op_backward(ctx, grad_output, _grad_saved):
@@ -489,7 +524,11 @@ def mmd_loss(y_t: Tensor, y_r: Tensor, group_size: int, *, kernel: str = "laplac
         options = (bw_value, w_value, group_size, kernel, estimator, eps, reduction, grad_t, grad_r, backend)
         if torch.compiler.is_compiling():  # the op with its registered autograd (Dynamo refuses a Function's jvp)
             return torch.ops.imm_kernels.mmd_forward(*_op_arguments(y_t, y_r, bw, w, options))[0]
-        return _MMDLoss.run(y_t, y_r, bw, w, options)[0]
+        if transforming:
+            return _MMDLoss.run(y_t, y_r, bw, w, options)[0]
+        live = _dispatch.live_tensor
+        return _eager_mmd_loss(live(y_t), live(y_r), bw if bw is None else live(bw), w if w is None else live(w),
+                               options)
     return _dispatch.call("mmd_forward", backend)(y_t, y_r, bw, bw_value, w, w_value, group_size, kernel, estimator,
                                                   eps, reduction, False, False, backend)[0]
 
