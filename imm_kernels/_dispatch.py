@@ -172,12 +172,22 @@ def live(tensors) -> list:
     return [live_tensor(x) if isinstance(x, torch.Tensor) else x for x in tensors]
 
 
+def direct() -> bool:
+    """Whether an op may run as its backend's implementation itself (eager mode: no custom-op dispatch, which
+    costs more than a small kernel) rather than as its registered custom op, which torch.compile (also compiled
+    autograd), a dispatch mode (make_fx, FakeTensorMode, a profiler, the tests' op counter) and the functorch
+    transforms must see."""
+    return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or torch._C._functorch.peek_interpreter_stack() is not None)
+
+
+#: Whether a torch dispatch mode is active (one of direct()'s conditions, for callers that know the others).
+dispatch_mode_active = torch._C._len_torch_dispatch_stack
+
+
 def call(op: str, backend: str) -> Callable:
-    """What to call for `op`: the backend's implementation itself in eager mode (no custom-op dispatch, which
-    costs more than a small kernel), the registered custom op while torch.compile traces, a dispatch mode
-    (make_fx, FakeTensorMode, a profiler, the tests' op counter) or a functorch transform is active."""
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._functorch.peek_interpreter_stack() is not None):
+    """What to call for `op`: the backend's implementation where direct(), else the registered custom op."""
+    if not direct():
         return _CUSTOM_OPS[op]
     return _IMPLEMENTATIONS.get((op, backend)) or implementation(op, backend)
 

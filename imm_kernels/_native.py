@@ -34,8 +34,19 @@ def load(backend: str):
     return module, None
 
 
-#: The extensions that load() found working, by backend (the hot path reads this dict).
+#: The extensions that load() found working, by backend.
 LOADED: dict = {}
+
+
+def module(backend: str):
+    """The backend's extension, loaded on first use: the custom ops can be called through torch.ops (an exported
+    program, a hand-written graph) before any public function has chosen a backend."""
+    loaded = LOADED.get(backend)
+    if loaded is None:
+        loaded, reason = load(backend)
+        if loaded is None:
+            raise RuntimeError(f"backend {backend!r} is unavailable: {reason}")
+    return loaded
 
 
 def launch_arg(x: torch.Tensor):
@@ -59,6 +70,14 @@ def scalar_arg(tensor: torch.Tensor | None, value: float) -> tuple:
     return tensor.data_ptr(), tensor.stride()[0] if tensor.numel() > 1 else 0, tensor.dtype == torch.float64, 0.0
 
 
+def scalar_args(first: torch.Tensor | None, first_value: float, second: torch.Tensor | None,
+                second_value: float) -> tuple:
+    """scalar_arg of two operands, in one call (the hot path's case, two plain values, decided first)."""
+    if first is None and second is None:
+        return 0, 0, False, first_value, 0, 0, False, second_value
+    return (*scalar_arg(first, first_value), *scalar_arg(second, second_value))
+
+
 def mix_rows(mix) -> tuple:
     """(f_t, f_r, stride_ft, stride_fr, coefficients) of the loss head's mix (f_t, f_r, (G, 4) float64
     coefficients): f_t and f_r as rows with packed features (rows()) and their row strides."""
@@ -66,16 +85,18 @@ def mix_rows(mix) -> tuple:
     return f_t, f_r, stride_ft, stride_fr, mix[2]
 
 
-_NO_MIX = (0, 0, 0, 0, 0)
+#: An OutputMix's arguments for no mix.
+NO_MIX = (0, 0, 0, 0, 0)
 
 
 def mix_arg(mix) -> tuple:
-    """mix_rows(mix) as an OutputMix's arguments (common/problems.h: pointers and strides), or all zeros for None
-    (no mix)."""
+    """(mix_rows(mix) as an OutputMix's arguments (common/problems.h: pointers and strides), the tensors they
+    point into), or all zeros and no tensors for None (no mix). The caller keeps the tensors until the native
+    call has returned: f_t and f_r may be packed copies that nothing else holds."""
     if mix is None:
-        return _NO_MIX
+        return NO_MIX, ()
     f_t, f_r, stride_ft, stride_fr, coefficients = mix_rows(mix)
-    return f_t.data_ptr(), f_r.data_ptr(), stride_ft, stride_fr, coefficients.data_ptr()
+    return (f_t.data_ptr(), f_r.data_ptr(), stride_ft, stride_fr, coefficients.data_ptr()), (f_t, f_r, coefficients)
 
 
 def _feature_stride(x: torch.Tensor) -> tuple[int, int] | None:
@@ -102,6 +123,16 @@ def rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         x = x.reshape(x.shape[0], -1).contiguous()
         return x, x.stride(0), x.shape[1]
     return x, x.stride(0), layout[1]
+
+
+def row_pair(a: torch.Tensor, b: torch.Tensor) -> tuple:
+    """(a, b, row stride of a, row stride of b, features): rows() of two tensors of one shape, in one call (the
+    hot path's case, both contiguous, decided first)."""
+    if a.is_contiguous() and b.is_contiguous():
+        features = a.numel() // a.shape[0]
+        return a, b, features, features, features
+    (a, stride_a, features), (b, stride_b, _) = rows(a), rows(b)
+    return a, b, stride_a, stride_b, features
 
 
 def operand(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:

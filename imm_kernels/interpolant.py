@@ -55,10 +55,10 @@ def _native_combine(src0, src1, time0, time0_value, time1, time1_value, kind, ou
     dst0, dst1 = combine_outputs(src0, write0, write1)
     s0, row0, step0, features = _native.operand(src0)
     s1, row1, step1, _ = _native.operand(src1) if src1 is not None else (None, 0, 0, 0)
-    _native.LOADED[backend].combine(
+    _native.module(backend).combine(
         src0.shape[0], features, _native.DTYPE_CODES[src0.dtype], _native.COMBINE_KIND_CODES[kind],
         _native.SCHEDULE_CODES[schedule], _native.PARAM_CODES[param], sigma_data,
-        *_native.scalar_arg(time0, time0_value), *_native.scalar_arg(time1, time1_value), outputs, transpose,
+        *_native.scalar_args(time0, time0_value, time1, time1_value), outputs, transpose,
         src0.is_cpu and not transpose, s0.data_ptr(), row0, step0, _native.ptr(s1), row1, step1, _native.ptr(dst0),
         _native.ptr(dst1), _native.launch_arg(src0))
     return dst0, dst1
@@ -90,7 +90,7 @@ def _verified_cuda_combine(src0, src1, time0, time0_value, time1, time1_value, k
 
     t0, t1 = times(time0, time0_value), times(time1, time1_value)
     s0, s1 = packed(src0), packed(src1)
-    _native.LOADED["cuda"].verified_combine(
+    _native.module("cuda").verified_combine(
         rows, s0.shape[1], _native.DTYPE_CODES[src0.dtype], _native.COMBINE_KIND_CODES[kind],
         _native.SCHEDULE_CODES[schedule], _native.PARAM_CODES[param], sigma_data, t0.data_ptr(), t0.stride(0),
         t1.data_ptr(), t1.stride(0), outputs, s0.data_ptr(), _native.ptr(s1), _native.ptr(dst0), _native.ptr(dst1),

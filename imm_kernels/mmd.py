@@ -1,12 +1,13 @@
 """mmd_loss: the grouped MMD of IMM (docs/math.md section 4), forward and backward one native call each.
 
-Layers: mmd_loss / MMDLoss (validate, pick a backend) -> _MMDLoss (autograd; under torch.compile the op's own
-registered autograd instead) -> the custom ops imm_kernels::mmd_forward and imm_kernels::mmd_backward (opaque to
-torch.compile, with fakes for tracing and batching rules for torch.vmap; in eager mode their implementation is
-called directly) -> the backend's implementation.
+Layers: mmd_loss / MMDLoss (validate, pick a backend) -> _EagerMMDLoss (autograd in eager mode; _MMDLoss under the
+functorch transforms; under torch.compile the op's own registered autograd) -> the custom ops
+imm_kernels::mmd_forward and imm_kernels::mmd_backward (opaque to torch.compile, with fakes for tracing and
+batching rules for torch.vmap; in eager mode their implementation is called directly) -> the backend's
+implementation.
 
-The backward design: the forward pass saves each group's pair coefficients ([G, 6, M, M] in the accumulation
-dtype, csrc/common/mmd_math.h) and the backward pass makes the gradient from them and the inputs,
+The backward design: the forward pass saves each group's pair coefficients (G blocks of [6, M, M], flat, in the
+accumulation dtype, csrc/common/mmd_math.h) and the backward pass makes the gradient from them and the inputs,
 scaled by grad_output inside the kernel. Against making the gradient in the forward pass and scaling it in the
 backward (what the GPU-verified CUDA kernels still do, below):
 - bytes: the same 5 units of a (B, D) tensor per step (forward reads y_t, y_r; backward reads both and writes
@@ -38,13 +39,16 @@ def forward_outputs(y_t: Tensor, group_size: int, bandwidth: Tensor | None, weig
     if bandwidth is not None or weight is not None:
         _validate.native_scalar("bandwidth", bandwidth, groups, y_t)
         _validate.native_scalar("weight", weight, groups, y_t)
-    out = _native.new_output(y_t, () if reduction != "none" else (groups,))
+    out = _native.new_output(y_t, () if reduction != "none" else groups)
     if not (grad_t or grad_r):
         return out, None
     if backend == "cuda" and _dispatch.variant("IMM_CUDA_KERNELS") == "verified":
         return out, _native.new_output(y_t, (grad_t + grad_r, *y_t.shape))
-    return out, _native.new_output(y_t, (groups, COEFFICIENT_BLOCKS, group_size, group_size),
-                                   _validate.accumulation_dtype(y_t.dtype))
+    # Flat, G blocks of (6, M, M): an integer size is the cheapest allocation (0.7 us against 1.3 us for a
+    # 4-d shape on a CPU, 2026-12-02), and only the kernels read it.
+    acc = _validate.accumulation_dtype(y_t.dtype)
+    size = groups * COEFFICIENT_BLOCKS * group_size * group_size
+    return out, _native.new_output(y_t, size, None if acc is y_t.dtype else acc)
 
 
 @torch.library.custom_op("imm_kernels::mmd_forward", mutates_args=())
@@ -91,41 +95,67 @@ _dispatch.register_custom_op("mmd_forward", torch.ops.imm_kernels.mmd_forward)
 _dispatch.register_custom_op("mmd_backward", torch.ops.imm_kernels.mmd_backward)
 
 
-@_dispatch.register("mmd_forward", "cpu")
-def _native_forward(y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, group_size, kernel, estimator, eps,
-                    reduction, grad_t, grad_r, backend, mix=None):
-    """The native forward; mix: (f_t, f_r, coefficients) of the loss head (loss_head.py), y_t, y_r being x_t, x_r.
-    Written flat: at small shapes this Python is a fifth of a training step's mmd_loss call."""
-    groups = y_t.shape[0] // group_size
+def _row_plan(y_t, y_r, group_size, backend, mix) -> tuple:
+    """What both native calls read of the rows: (module, the leading arguments of both calls (pointers, strides,
+    sizes, dtype), the mix's arguments, the tensors the pointers point into (y_t, y_r and the mix's rows, or packed
+    copies that only the plan holds)). The eager path makes it once per step: the backward reuses the forward's."""
+    t, r, stride_t, stride_r, features = _native.row_pair(y_t, y_r)
+    leading = (t.data_ptr(), r.data_ptr(), stride_t, stride_r, y_t.shape[0] // group_size, group_size, features,
+               _native.DTYPE_CODES[y_t.dtype])
+    if mix is None:
+        return _native.module(backend), leading, _native.NO_MIX, (t, r)
+    mix_args, mix_rows = _native.mix_arg(mix)
+    return _native.module(backend), leading, mix_args, (t, r, *mix_rows)
+
+
+def _planned_forward(y_t, y_r, bandwidth, weight, options, mix=None):
+    """_native_forward's outputs and its row plan (_row_plan), from the eager entry point's arguments (options:
+    see _op_arguments)."""
+    bandwidth_value, weight_value, group_size, kernel, estimator, eps, reduction, grad_t, grad_r, backend = options
     out, coefficients = forward_outputs(y_t, group_size, bandwidth, weight, reduction, grad_t, grad_r, backend)
-    (t, stride_t, features), (r, stride_r, _) = _native.rows(y_t), _native.rows(y_r)
-    module, dtype, on_cpu = _native.LOADED[backend], _native.DTYPE_CODES[y_t.dtype], y_t.is_cpu
+    plan = module, leading, mix_args, _ = _row_plan(y_t, y_r, group_size, backend, mix)
+    on_cpu = y_t.is_cpu
     workspace = counter = 0
     if not on_cpu:  # GPU kernels: scratch from torch's allocator, the reduction's counter
-        workspace = y_t.new_empty(module.mmd_workspace_bytes(groups, group_size, features, dtype), dtype=torch.uint8)
+        scratch = y_t.new_empty(module.mmd_workspace_bytes(*leading[4:]), dtype=torch.uint8)
+        workspace = scratch.data_ptr() if scratch.numel() else 0
         counter = _native.reduction_counter(y_t.device).data_ptr() if reduction != "none" else 0
-        workspace = workspace.data_ptr() if workspace.numel() else 0
     module.mmd_forward(
-        t.data_ptr(), r.data_ptr(), stride_t, stride_r, groups, group_size, features, dtype,
-        _native.KERNEL_CODES[kernel], _native.ESTIMATOR_CODES[estimator], _native.REDUCTION_CODES[reduction], eps,
-        *_native.scalar_arg(bandwidth, bandwidth_value), *_native.scalar_arg(weight, weight_value), out.data_ptr(),
-        0 if coefficients is None else coefficients.data_ptr(), on_cpu, workspace, counter, *_native.mix_arg(mix),
+        *leading, _native.KERNEL_CODES[kernel], _native.ESTIMATOR_CODES[estimator],
+        _native.REDUCTION_CODES[reduction], eps, *_native.scalar_args(bandwidth, bandwidth_value, weight, weight_value),
+        out.data_ptr(), 0 if coefficients is None else coefficients.data_ptr(), on_cpu, workspace, counter, *mix_args,
         torch.get_num_threads() if on_cpu else _native.launch_arg(y_t))
-    return out, coefficients
+    return out, coefficients, plan
+
+
+def _planned_backward(plan, grad_output, saved, like, grad_t, grad_r):
+    """_native_backward on a row plan; like: y_t (the gradients' shape, dtype and device)."""
+    module, leading, mix_args, _ = plan
+    out_t, out_r = backward_outputs(like, grad_t, grad_r)
+    module.mmd_backward(
+        *leading, grad_output.data_ptr(), grad_output.stride(0) if grad_output.ndim else 0, saved.data_ptr(),
+        out_t.data_ptr() if grad_t else 0, out_r.data_ptr() if grad_r else 0, *mix_args,
+        torch.get_num_threads() if like.is_cpu else _native.launch_arg(like))
+    return out_t, out_r
+
+
+@_dispatch.register("mmd_forward", "cpu")
+def _native_forward(y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, *rest, mix=None):
+    """The native forward (mmd_forward's arguments); mix: (f_t, f_r, coefficients) of the loss head
+    (loss_head.py), y_t, y_r being x_t, x_r."""
+    return _planned_forward(y_t, y_r, bandwidth, weight, (bandwidth_value, weight_value, *rest), mix)[:2]
+
+
+def _plans_rows(backend: str) -> bool:
+    """Whether the backend's mmd_forward implementation is _native_forward (the eager path then keeps its row
+    plan for the backward)."""
+    return backend == "cpu" or (backend == "cuda" and _dispatch.variant("IMM_CUDA_KERNELS") == "next")
 
 
 @_dispatch.register("mmd_backward", "cpu")
 def _native_backward(grad_output, y_t, y_r, saved, group_size, grad_t, grad_r, backend, mix=None):
     """The native backward; with the loss head's mix (see _native_forward) the gradients are those of f_t, f_r."""
-    out_t, out_r = backward_outputs(y_t, grad_t, grad_r)
-    (t, stride_t, features), (r, stride_r, _) = _native.rows(y_t), _native.rows(y_r)
-    on_cpu = y_t.is_cpu
-    _native.LOADED[backend].mmd_backward(
-        t.data_ptr(), r.data_ptr(), stride_t, stride_r, y_t.shape[0] // group_size, group_size, features,
-        _native.DTYPE_CODES[y_t.dtype], grad_output.data_ptr(), grad_output.stride(0) if grad_output.ndim else 0,
-        saved.data_ptr(), out_t.data_ptr() if grad_t else 0, out_r.data_ptr() if grad_r else 0,
-        *_native.mix_arg(mix), torch.get_num_threads() if on_cpu else _native.launch_arg(y_t))
-    return out_t, out_r
+    return _planned_backward(_row_plan(y_t, y_r, group_size, backend, mix), grad_output, saved, y_t, grad_t, grad_r)
 
 
 @_dispatch.register("mmd_forward", "cuda")
@@ -165,7 +195,7 @@ def _verified_cuda_forward(y_t, y_r, bandwidth, bandwidth_value, weight, weight_
     if reduction == "mean":
         weights = weights / groups
     loss = torch.empty(groups, dtype=acc, device=device)
-    module = _native.LOADED["cuda"]
+    module = _native.module("cuda")
     sizes = (groups, group_size, features, _native.DTYPE_CODES[y_t.dtype])
     workspace = torch.empty(module.verified_mmd_workspace_bytes(*sizes), dtype=torch.uint8, device=device)
     grads = iter(saved if saved is not None else ())
@@ -207,18 +237,22 @@ def _op_arguments(y_t, y_r, bandwidth, weight, options):
 
 
 def _setup(ctx, y_t, y_r, bandwidth, weight, options, saved, needs, transformed: bool) -> None:
-    """What every entry point keeps for the gradients: saved is the forward op's saved state (None when no input
-    gradient was asked of it: only the weight needs one); needs = which of (y_t, y_r, bandwidth, weight) need
-    one; transformed: whether a functorch transform or forward-mode AD is active (_dispatch.transforming())."""
+    """What the custom op's and the transforms' entry points keep for the gradients: saved is the forward op's
+    saved state (None when no input gradient was asked of it: only the weight needs one)."""
     ctx.save_for_backward(y_t, y_r, saved, bandwidth, weight)
-    ctx.transformed = transformed
     if transformed:  # forward mode may follow (jvp)
         ctx.save_for_forward(y_t, y_r, saved, bandwidth, weight)
-    ctx.options, ctx.needs = options, needs
-    # The training step's case, which backward serves with the backward kernel alone: no functorch level is
+    _gradient_state(ctx, needs, options, transformed)
+
+
+def _gradient_state(ctx, needs, options, transformed: bool) -> None:
+    """What _gradients reads besides the saved tensors: needs = which of (y_t, y_r, bandwidth, weight) need a
+    gradient; transformed: whether a functorch transform or forward-mode AD is active (_dispatch.transforming())."""
+    ctx.options, ctx.needs, ctx.transformed = options, needs, transformed
+    # The training step's case, which _gradients serves with the backward kernel alone: no functorch level is
     # involved, and exactly the inputs among y_t and y_r that the forward made ready for (its grad flags) need
     # gradients.
-    ctx.inputs_only = not (ctx.transformed or needs[2] or needs[3]) and (needs[0], needs[1]) == options[7:9]
+    ctx.inputs_only = not (transformed or needs[2] or needs[3]) and (needs[0], needs[1]) == options[7:9]
 
 
 def _group_scale(grad_output: Tensor, reduction: str, groups: int, dtype: torch.dtype) -> Tensor:
@@ -373,20 +407,35 @@ def _mark_saved(ctx, saved) -> None:
 
 
 class _EagerMMDLoss(torch.autograd.Function):
-    """The eager entry point outside the functorch transforms: mmd_forward's implementation with the formulas
-    above, in the old form (forward and setup in one Python call) with the loss alone as its output, the saved
-    state kept on ctx. Together about 1.5 us a call less than _MMDLoss on a CPU (2026-12-02), where a small
-    call's whole budget is about 45 us. options: mmd_forward's arguments after weight, bandwidth_value and
-    weight_value first (see _op_arguments): one argument, because Function.apply costs per argument."""
+    """The eager entry point outside the functorch transforms and torch.compile: in the old form (forward and
+    setup in one Python call), the loss alone as its output, the saved state kept on ctx. Where the native
+    kernels run directly its backward reuses the forward's row plan and calls the backward kernel straight away
+    when only y_t and y_r need gradients (the training step); other gradients go through _gradients. options:
+    mmd_forward's arguments after weight, bandwidth_value and weight_value first (see _op_arguments): one
+    argument, because Function.apply costs per argument. Every step of this path is written for a small call's
+    budget of about 45 us on a CPU, a third of it Python (docs/pytorch.md)."""
 
     @staticmethod
     def forward(ctx, y_t, y_r, bandwidth, weight, options):
-        out, saved = _dispatch.call("mmd_forward", options[-1])(*_op_arguments(y_t, y_r, bandwidth, weight, options))
-        _setup(ctx, y_t, y_r, bandwidth, weight, options, saved, ctx.needs_input_grad[:4], False)
+        if _plans_rows(options[-1]) and not _dispatch.dispatch_mode_active():  # (mmd_loss checked the rest)
+            out, saved, ctx.plan = _planned_forward(y_t, y_r, bandwidth, weight, options)
+        else:
+            out, saved = _dispatch.call("mmd_forward", options[-1])(*_op_arguments(y_t, y_r, bandwidth, weight,
+                                                                                   options))
+            ctx.plan = None
+        ctx.save_for_backward(y_t, y_r, saved, bandwidth, weight)
+        ctx.options = options
         return out
 
     @staticmethod
     def backward(ctx, grad_output):
+        needs = ctx.needs_input_grad
+        if ctx.plan is not None and not (needs[2] or needs[3] or torch.is_grad_enabled()) and _dispatch.direct():
+            y_t, _, saved, _, _ = ctx.saved_tensors  # (also autograd's check that nothing modified them since)
+            options = ctx.options
+            return (*_planned_backward(ctx.plan, grad_output, saved, y_t, options[7], options[8]), None, None,
+                    None)
+        _gradient_state(ctx, needs[:4], ctx.options, False)
         return (*_gradients(ctx, grad_output), None)
 
 
@@ -465,7 +514,7 @@ def _mmd_forward_vmap(info, in_dims, y_t, y_r, bandwidth, bandwidth_value, weigh
         return (losses, saved), (0, None)
     if _saves_gradients(backend):  # (k, n B, ...)
         return (losses, saved.view(saved.shape[0], n, -1, *saved.shape[2:])), (0, 1)
-    return (losses, saved.view(n, groups, *saved.shape[1:])), (0, 0)
+    return (losses, saved.view(n, -1)), (0, 0)
 
 
 @torch.library.register_vmap("imm_kernels::mmd_backward")
@@ -513,14 +562,16 @@ def mmd_loss(y_t: Tensor, y_r: Tensor, group_size: int, *, kernel: str = "laplac
     if backend == "reference":
         return reference.mmd_loss(y_t, y_r, group_size, kernel=kernel, bandwidth=bandwidth, weight=weight,
                                   estimator=estimator, eps=eps, reduction=reduction)
-    y_t, y_r = _native.memory_order(y_t, y_r)
+    if not y_t.is_contiguous():
+        y_t, y_r = _native.memory_order(y_t, y_r)
     transforming = _dispatch.transforming()
     learned_bandwidth = bw is not None and bw.requires_grad
-    if transforming or torch.is_grad_enabled() and (y_t.requires_grad or y_r.requires_grad or learned_bandwidth
+    need_t, need_r = y_t.requires_grad, y_r.requires_grad
+    if transforming or torch.is_grad_enabled() and (need_t or need_r or learned_bandwidth
                                                     or (w is not None and w.requires_grad)):
         # The gradient flags of the forward op: the bandwidth's gradient needs both sides' (_bandwidth_gradient).
-        grad_t = transforming or y_t.requires_grad or learned_bandwidth
-        grad_r = transforming or y_r.requires_grad or learned_bandwidth
+        grad_t = transforming or need_t or learned_bandwidth
+        grad_r = transforming or need_r or learned_bandwidth
         options = (bw_value, w_value, group_size, kernel, estimator, eps, reduction, grad_t, grad_r, backend)
         if torch.compiler.is_compiling():  # the op with its registered autograd (Dynamo refuses a Function's jvp)
             return torch.ops.imm_kernels.mmd_forward(*_op_arguments(y_t, y_r, bw, w, options))[0]

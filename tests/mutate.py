@@ -251,6 +251,18 @@ MUTANTS = [
            LOSS_HEAD_CPU, "a bandwidth that requires grad taken down the fused path (its gradient None)"),
     Mutant("imm_kernels/loss_head.py", "rows[:, 2] * x_r + rows[:, 3] * g_r", "rows[:, 2] * x_r + rows[:, 1] * g_r",
            LOSS_HEAD_CPU, "second order: the target formed with c_out(s, t)"),
+    # The eager path's row plan and backward hot path (mmd.py).
+    Mutant("imm_kernels/mmd.py", "return _native.LOADED[backend], leading, mix_args, (t, r, *mix_rows)",
+           "return _native.LOADED[backend], leading, mix_args, (t, r)", LOSS_HEAD_CPU,
+           "row plan: the packed copies of the network outputs freed before the kernels read them"),
+    Mutant("imm_kernels/mmd.py", "if ctx.plan is not None and not (needs[2] or needs[3] or torch.is_grad_enabled())",
+           "if ctx.plan is not None and not torch.is_grad_enabled()", PYTORCH_CPU,
+           "eager backward: the kernel alone also where the bandwidth or weight needs a gradient"),
+    Mutant("imm_kernels/mmd.py", "out_t.data_ptr() if grad_t else 0, out_r.data_ptr() if grad_r else 0",
+           "out_r.data_ptr() if grad_r else 0, out_t.data_ptr() if grad_t else 0", MMD_CPU,
+           "planned backward: the two gradients' destinations swapped"),
+    Mutant("imm_kernels/mmd.py", "(needs[0], needs[1]) == options[7:9]", "True", PYTORCH_CPU,
+           "the op's backward served by the kernel alone though a grad flag was False (a silent None)"),
     # The Triton kernels (run by the interpreter).
     Mutant(TRITON_MMD, "-t_minus_r_j * (w + z)", "t_minus_r_j * (w + z)", MMD_TRITON,
            "pass 1: the sign of the y_r side's delta"),

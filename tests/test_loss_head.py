@@ -141,6 +141,24 @@ def test_layouts(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_outputs_packed_for_the_kernel(device, backend):
+    """Network outputs whose features are not one strided run (an image with its last two dims swapped) are packed
+    into copies that the kernels read: the copies must live until the kernels return, forward and backward. At
+    1.5 MB a copy is unmapped when freed (glibc), so a pointer that outlives it crashes rather than reading stale
+    values."""
+    x_t, g_t, x_r, g_r = (torch.randn(8, 3, 128, 128, device=device) for _ in range(4))
+    g_t, g_r = (g.transpose(2, 3).requires_grad_() for g in (g_t, g_r))
+    s, r, t = group_times(2, device)
+    loss = imm_kernels.imm_mmd_loss(x_t, g_t, x_r, g_r, s, r, t, 4, backend=backend)
+    grads = torch.autograd.grad(loss, (g_t, g_r))
+    want = composed(x_t.double(), g_t.double(), x_r.double(), g_r.double(), s, r, t, 4, "reference")
+    want_grads = torch.autograd.grad(want, (g_t, g_r))
+    assert rel_error(loss, want) <= rtol(torch.float32, device, backend)
+    for got, expected in zip(grads, want_grads):
+        assert rel_error(got, expected) <= rtol(torch.float32, device, backend)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
 def test_split_features(device, backend):
     """Few groups of many features: the backends split each group's features over threads (cpu) or programs
     (triton), forward and backward."""

@@ -586,7 +586,7 @@ def scalar_operand(tensor, value, placeholder):
 def _layout(y_t, y_r, group_size, mix, backward=False):
     """The rows' arguments (y_t, y_r, their row strides, then the mix's: f_t, f_r, their strides, the (G, 4)
     coefficients; placeholders without a mix), and the launch shapes of a direction."""
-    (t, stride_t, features), (r, stride_r, _) = _native.rows(y_t), _native.rows(y_r)
+    t, r, stride_t, stride_r, features = _native.row_pair(y_t, y_r)
     rows = (t, r, stride_t, stride_r,
             *(_native.mix_rows(mix) if mix is not None else (t, r, stride_t, stride_r, t)))
     groups = y_t.shape[0] // group_size
