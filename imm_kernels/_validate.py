@@ -69,6 +69,42 @@ def float_tensor(name: str, x) -> torch.Tensor:
     return x
 
 
+def op_rows(group_size: int, *named) -> int:
+    """Row operands of a custom op called through torch.ops (the public functions check theirs before; the kernels
+    index every operand by the first one's shape): float tensors of one shape, dtype and device, the batch a
+    multiple of group_size -> the number of groups. named: (name, tensor) pairs."""
+    (first_name, first), *others = named
+    float_tensor(first_name, first)
+    for name, x in others:
+        float_tensor(name, x)
+        same_batch(first_name, first, name, x)
+    positive_int("group_size", group_size)
+    if first.shape[0] % group_size:
+        raise ValueError(f"the batch size {first.shape[0]} of {first_name} must be a multiple of "
+                         f"group_size={group_size}")
+    return first.shape[0] // group_size
+
+
+def op_backward_state(grad_output, saved, groups: int, size: int, dtype: torch.dtype, like: torch.Tensor) -> None:
+    """A backward op's grad_output (0-d, or (G,) for the per-group losses, in like's dtype and on its device) and
+    the forward op's saved state (size values of dtype, contiguous, on like's device), checked before the
+    kernels read them."""
+    if not (isinstance(grad_output, torch.Tensor) and grad_output.dtype == like.dtype
+            and grad_output.device == like.device and (grad_output.ndim == 0 or grad_output.shape == (groups,))):
+        raise ValueError(f"grad_output must be a {like.dtype} tensor on {like.device} of shape () or ({groups},); "
+                         f"got {described(grad_output)}")
+    if not (isinstance(saved, torch.Tensor) and saved.dtype == dtype and saved.device == like.device
+            and saved.is_contiguous() and saved.numel() == size):
+        raise ValueError(f"saved must be the forward op's saved state: {size} contiguous {dtype} values on "
+                         f"{like.device}; got {described(saved)}")
+
+
+def described(x) -> str:
+    if not isinstance(x, torch.Tensor):
+        return type(x).__name__
+    return f"{x.dtype} of shape {tuple(x.shape)} on {x.device}"
+
+
 def same_batch(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
     if a.shape != b.shape:
         raise ValueError(f"{name_a} and {name_b} must have the same shape; got {tuple(a.shape)} and {tuple(b.shape)}")

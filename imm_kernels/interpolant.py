@@ -33,6 +33,9 @@ def combine(src0: Tensor, src1: Tensor | None, time0: Tensor | None, time0_value
     the coefficients of `kind` ("interpolate" or "imm_output", with `outputs` forward outputs) come from the
     times: a (B,) or 0-d float32/float64 tensor, or None for the plain value beside it. Returns (dst0, dst1), an
     unwritten one as an empty tensor."""
+    _validate.op_rows(1, ("src0", src0), *((("src1", src1),) if src1 is not None else ()))
+    _validate.choice("kind", kind, tuple(_native.COMBINE_KIND_CODES))
+    _validate.imm_output_options(schedule, param, sigma_data)
     return _native.op_outputs(src0, *_dispatch.implementation("combine", backend)(
         src0, src1, time0, time0_value, time1, time1_value, kind, outputs, transpose, write0, write1, schedule, param,
         sigma_data, backend))

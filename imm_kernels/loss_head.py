@@ -25,9 +25,20 @@ from torch import Tensor
 from . import _dispatch, _native, _validate, reference
 from .imm import output_coefficients
 from .interpolant import imm_output
-from .mmd import _native_backward, _native_forward, backward_outputs, forward_outputs, mmd_loss
+from .mmd import (_native_backward, _native_forward, backward_outputs, check_backward_operands, forward_outputs,
+                  mmd_loss)
 
 _FUSED_BACKENDS = ("cpu", "triton")
+
+
+def _check_mix(x_t, g_t, x_r, g_r, coefficients, group_size) -> None:
+    """The loss head ops' rows and coefficients as torch.ops callers may pass them: what the kernels read."""
+    groups = _validate.op_rows(group_size, ("x_t", x_t), ("g_t", g_t), ("x_r", x_r), ("g_r", g_r))
+    if not (isinstance(coefficients, Tensor) and coefficients.dtype == torch.float64
+            and coefficients.device == x_t.device and coefficients.shape == (groups, 4)
+            and coefficients.is_contiguous()):
+        raise ValueError(f"coefficients must be a contiguous float64 tensor of shape ({groups}, 4) on {x_t.device}; "
+                         f"got {_validate.described(coefficients)}")
 
 
 @torch.library.custom_op("imm_kernels::loss_head_forward", mutates_args=())
@@ -37,6 +48,9 @@ def loss_head_forward(x_t: Tensor, g_t: Tensor, x_r: Tensor, g_r: Tensor, coeffi
                       grad_r: bool, backend: str) -> tuple[Tensor, Tensor]:
     """mmd_forward of the outputs c_skip x + c_out g of each side; coefficients: (G, 4) float64 rows (c_skip(s, t),
     c_out(s, t), c_skip(s, r), c_out(s, r)). grad_t, grad_r: whether g_t's, g_r's gradient will be wanted."""
+    _check_mix(x_t, g_t, x_r, g_r, coefficients, group_size)
+    _validate.mmd_options(x_t, x_r, group_size, kernel, bandwidth_value if bandwidth is None else bandwidth,
+                          weight_value if weight is None else weight, estimator, eps, reduction)
     return _native.op_outputs(x_t, *_dispatch.implementation("loss_head_forward", backend)(
         x_t, g_t, x_r, g_r, coefficients, bandwidth, bandwidth_value, weight, weight_value, group_size, kernel,
         estimator, eps, reduction, grad_t, grad_r, backend))
@@ -54,6 +68,9 @@ def loss_head_backward(grad_output: Tensor, x_t: Tensor, g_t: Tensor, x_r: Tenso
                        saved: Tensor, group_size: int, grad_t: bool, grad_r: bool,
                        backend: str) -> tuple[Tensor, Tensor]:
     """The gradients of g_t and g_r (an unwanted one empty), scaled by grad_output, from the forward's state."""
+    _check_mix(x_t, g_t, x_r, g_r, coefficients, group_size)
+    check_backward_operands(grad_output, saved, group_size, grad_t, grad_r, backend, ("x_t", x_t), ("g_t", g_t),
+                            ("x_r", x_r), ("g_r", g_r))
     return _native.op_outputs(g_t, *_dispatch.implementation("loss_head_backward", backend)(
         grad_output, x_t, g_t, x_r, g_r, coefficients, saved, group_size, grad_t, grad_r, backend))
 

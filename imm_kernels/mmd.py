@@ -58,6 +58,8 @@ def mmd_forward(y_t: Tensor, y_r: Tensor, bandwidth: Tensor | None, bandwidth_va
     """The reduced weight * MMD of (B, ...) inputs in groups of group_size rows, and the saved state of the
     backward op (see forward_outputs). bandwidth, weight: a 0-d or (G,) float32/float64 tensor, or None for the
     plain value beside it."""
+    _validate.mmd_options(y_t, y_r, group_size, kernel, bandwidth_value if bandwidth is None else bandwidth,
+                          weight_value if weight is None else weight, estimator, eps, reduction)
     return _native.op_outputs(y_t, *_dispatch.implementation("mmd_forward", backend)(
         y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, group_size, kernel, estimator, eps, reduction,
         grad_t, grad_r, backend))
@@ -74,9 +76,25 @@ def mmd_backward(grad_output: Tensor, y_t: Tensor, y_r: Tensor, saved: Tensor, g
                  grad_r: bool, backend: str) -> tuple[Tensor, Tensor]:
     """The gradients (grad_t, grad_r, an unwanted one empty) of the loss scaled by grad_output (0-d, or (G,) for
     reduction "none"), from the forward op's saved state."""
+    check_backward_operands(grad_output, saved, group_size, grad_t, grad_r, backend, ("y_t", y_t), ("y_r", y_r))
     out_t, out_r = _dispatch.implementation("mmd_backward", backend)(grad_output, y_t, y_r, saved, group_size, grad_t,
                                                                      grad_r, backend)
     return _native.op_outputs(y_t, out_t, out_r)
+
+
+def check_backward_operands(grad_output, saved, group_size, grad_t, grad_r, backend, *rows) -> None:
+    """A backward op's operands as torch.ops callers may pass them: rows (name, tensor) of one shape (the first:
+    y_t's place), and, where a gradient is asked for, a grad_output and a saved state that the kernels can read
+    (forward_outputs' sizes)."""
+    groups = _validate.op_rows(group_size, *rows)
+    if grad_t or grad_r:
+        like = rows[0][1]
+        if _saves_gradients(backend):
+            size, dtype = (grad_t + grad_r) * like.numel(), like.dtype
+        else:
+            size = groups * COEFFICIENT_BLOCKS * group_size * group_size
+            dtype = _validate.accumulation_dtype(like.dtype)
+        _validate.op_backward_state(grad_output, saved, groups, size, dtype, like)
 
 
 def backward_outputs(y_t: Tensor, grad_t: bool, grad_r: bool):

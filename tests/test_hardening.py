@@ -151,11 +151,59 @@ def test_autograd_functions_are_not_public():
                                                     False, False, "cpu"), "bandwidth"),
     (lambda y, b: torch.ops.imm_kernels.combine(y, y, b[:3], 0.0, None, 0.5, "interpolate", 2, False, True, True, "fm",
                                                 "simple_edm", 1.0, "cpu"), "time0"),
+    (lambda y, b: torch.ops.imm_kernels.combine(y, y[:4], None, 0.2, None, 0.5, "interpolate", 2, False, True, True,
+                                                "fm", "simple_edm", 1.0, "cpu"), "same shape"),
+    (lambda y, b: torch.ops.imm_kernels.mmd_forward(y, y[:4], None, 1.0, None, 1.0, 4, "laplace", "v", 1e-8, "mean",
+                                                    False, False, "cpu"), "same shape"),
+    (lambda y, b: torch.ops.imm_kernels.mmd_forward(y, y, None, 1.0, None, 1.0, 3, "laplace", "v", 1e-8, "mean",
+                                                    False, False, "cpu"), "multiple of group_size"),
+    (lambda y, b: torch.ops.imm_kernels.mmd_backward(torch.ones(()), y, y, _saved(y)[:-1], 4, True, True, "cpu"),
+     "saved"),
+    (lambda y, b: torch.ops.imm_kernels.mmd_backward(torch.ones(()), y, y, _saved(y).double(), 4, True, True, "cpu"),
+     "saved"),
+    (lambda y, b: torch.ops.imm_kernels.mmd_backward(torch.ones(1), y, y, _saved(y), 4, True, True, "cpu"),
+     "grad_output"),
+    (lambda y, b: torch.ops.imm_kernels.loss_head_forward(y, y, y, y[:4], _mix(2), None, 1.0, None, 1.0, 4, "laplace",
+                                                          "v", 1e-8, "mean", True, True, "cpu"), "same shape"),
+    (lambda y, b: torch.ops.imm_kernels.loss_head_forward(y, y, y, y, _mix(1), None, 1.0, None, 1.0, 4, "laplace",
+                                                          "v", 1e-8, "mean", True, True, "cpu"), "coefficients"),
+    (lambda y, b: torch.ops.imm_kernels.loss_head_backward(torch.ones(()), y, y, y, y, _mix(2), _saved(y)[:5], 4, True,
+                                                           True, "cpu"), "saved"),
 ])
 def test_the_custom_ops_refuse_operands_that_would_read_out_of_bounds(call, match):
+    """torch.ops callers reach the ops without the public functions' checks: every operand the kernels index is
+    checked in the op itself."""
     y = torch.randn(8, 3)
     with pytest.raises(ValueError, match=match):
         call(y, torch.ones(2))
+
+
+def _saved(y):
+    """mmd_forward's saved state for y against itself in groups of 4 (cpu)."""
+    return torch.ops.imm_kernels.mmd_forward(y, y, None, 1.0, None, 1.0, 4, "laplace", "v", 1e-8, "mean", True, True,
+                                             "cpu")[1]
+
+
+def _mix(groups):
+    return torch.rand(groups, 4, dtype=torch.float64)
+
+
+@pytest.mark.skipif("cpu" not in imm_kernels.available_backends("cpu"), reason="needs the C++ CPU backend")
+def test_the_custom_ops_work_before_any_public_call():
+    """A fresh process calling torch.ops.imm_kernels.* first (an exported program would): the ops load their
+    extension themselves."""
+    script = textwrap.dedent("""
+        import torch, imm_kernels
+        y = torch.randn(8, 3)
+        loss, _ = torch.ops.imm_kernels.mmd_forward(y, y * 2, None, 1.0, None, 1.0, 4, "laplace", "v", 1e-8, "mean",
+                                                    False, False, "cpu")
+        out, _ = torch.ops.imm_kernels.combine(y, y, None, 0.2, None, 0.5, "interpolate", 1, False, True, False, "fm",
+                                               "simple_edm", 1.0, "cpu")
+        print(loss.item() > 0, bool(torch.isfinite(out).all()))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True", "True"]
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
