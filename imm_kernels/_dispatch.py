@@ -185,6 +185,13 @@ def direct() -> bool:
 dispatch_mode_active = torch._C._len_torch_dispatch_stack
 
 
+def saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are in force (torch.autograd.graph.saved_tensors_hooks: offloading with
+    save_on_cpu, non-reentrant checkpointing): what autograd saves is then theirs to keep or drop, so nothing else
+    may hold the saved tensors."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
 def call(op: str, backend: str) -> Callable:
     """What to call for `op`: the backend's implementation where direct(), else the registered custom op."""
     if not direct():

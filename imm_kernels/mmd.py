@@ -436,7 +436,10 @@ class _EagerMMDLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_t, y_r, bandwidth, weight, options):
         if _plans_rows(options[-1]) and not _dispatch.dispatch_mode_active():  # (mmd_loss checked the rest)
-            out, saved, ctx.plan = _planned_forward(y_t, y_r, bandwidth, weight, options)
+            out, saved, plan = _planned_forward(y_t, y_r, bandwidth, weight, options)
+            # The plan holds y_t and y_r: under saved-tensor hooks only what autograd saves may, and the backward
+            # goes the regular way.
+            ctx.plan = None if _dispatch.saved_tensor_hooks_active() else plan
         else:
             out, saved = _dispatch.call("mmd_forward", options[-1])(*_op_arguments(y_t, y_r, bandwidth, weight,
                                                                                    options))

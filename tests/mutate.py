@@ -263,6 +263,8 @@ MUTANTS = [
            "planned backward: the two gradients' destinations swapped"),
     Mutant("imm_kernels/mmd.py", "(needs[0], needs[1]) == options[7:9]", "True", PYTORCH_CPU,
            "the op's backward served by the kernel alone though a grad flag was False (a silent None)"),
+    Mutant("imm_kernels/mmd.py", "ctx.plan = None if _dispatch.saved_tensor_hooks_active() else plan",
+           "ctx.plan = plan", PYTORCH_CPU, "the row plan keeps y_t and y_r alive under saved-tensor hooks"),
     # The Triton kernels (run by the interpreter).
     Mutant(TRITON_MMD, "-t_minus_r_j * (w + z)", "t_minus_r_j * (w + z)", MMD_TRITON,
            "pass 1: the sign of the y_r side's delta"),

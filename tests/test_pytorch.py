@@ -3,11 +3,14 @@ against the float64 reference and gradcheck, no silent None gradient, torch.func
 forward-mode AD, the autocast policy, channels-last layouts, and the custom ops' own autograd registrations
 (opcheck with inputs that require grad). Each public op runs on every backend here, the reference included."""
 
+import weakref
+
 import pytest
 import torch
 from conftest import BACKEND_CASES, rel_error, rtol
 
 import imm_kernels
+from imm_kernels import reference
 
 CASES = BACKEND_CASES + [pytest.param("cpu", "reference", id="cpu-reference")]
 GROUP = 4  # mmd_loss: rows per group
@@ -304,3 +307,20 @@ def test_second_derivatives_through_torch_func(device, backend, op, order):
     for got_row, want_row in zip(got, want):
         for a, b in zip(got_row, want_row):
             assert rel_error(a, b, floor=1e-3) <= rtol(torch.float64, device, backend) * 10
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_saved_tensor_hooks_own_what_autograd_saves(device, backend):
+    """Under torch.autograd.graph.saved_tensors_hooks (offloading, checkpointing) the hooks decide what stays
+    alive: nothing else in mmd_loss may hold y_t and y_r between the passes, and the gradients stay right."""
+    leaf_t, leaf_r = (torch.randn(8, 5, dtype=torch.float64, device=device, requires_grad=True) for _ in range(2))
+    y_t, y_r = leaf_t * 2, leaf_r * 3  # not leaves: freed once nothing holds them
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: x.clone(), lambda x: x):
+        loss = imm_kernels.mmd_loss(y_t, y_r, 4, backend=backend)
+    alive = [weakref.ref(y_t), weakref.ref(y_r)]
+    del y_t, y_r
+    assert [ref() for ref in alive] == [None, None]
+    got = torch.autograd.grad(loss, (leaf_t, leaf_r))
+    expected = torch.autograd.grad(reference.mmd_loss(leaf_t * 2, leaf_r * 3, 4), (leaf_t, leaf_r))
+    for g, w in zip(got, expected):
+        assert rel_error(g, w) <= rtol(torch.float64, device, backend)
