@@ -185,11 +185,27 @@ def direct() -> bool:
 dispatch_mode_active = torch._C._len_torch_dispatch_stack
 
 
+def _top_saved_tensor_hooks():
+    """torch's query for the innermost saved-tensor hooks (a private function: it takes ignore_is_tracing in
+    recent releases, nothing before), or None where this torch has none."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return None
+    try:
+        top(False)
+        return lambda: top(False)
+    except TypeError:
+        return top
+
+
+_TOP_SAVED_TENSOR_HOOKS = _top_saved_tensor_hooks()
+
+
 def saved_tensor_hooks_active() -> bool:
     """Whether saved-tensor hooks are in force (torch.autograd.graph.saved_tensors_hooks: offloading with
     save_on_cpu, non-reentrant checkpointing): what autograd saves is then theirs to keep or drop, so nothing else
-    may hold the saved tensors."""
-    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    may hold the saved tensors. True where torch cannot tell."""
+    return _TOP_SAVED_TENSOR_HOOKS is None or _TOP_SAVED_TENSOR_HOOKS() is not None
 
 
 def call(op: str, backend: str) -> Callable:
