@@ -139,7 +139,7 @@ class Function(torch.autograd.Function):
     def run(cls, *args):
         if torch._C._are_functorch_transforms_active():
             return cls.apply(*args)
-        return super(torch.autograd.Function, cls).apply(*live(args))
+        return eager_apply(cls)(*live(args))
 
 
 def eager_apply(function):

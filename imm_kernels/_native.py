@@ -85,8 +85,7 @@ def mix_rows(mix) -> tuple:
     return f_t, f_r, stride_ft, stride_fr, mix[2]
 
 
-#: An OutputMix's arguments for no mix.
-NO_MIX = (0, 0, 0, 0, 0)
+_NO_MIX = (0, 0, 0, 0, 0)  # an OutputMix's arguments for no mix
 
 
 def mix_arg(mix) -> tuple:
@@ -94,7 +93,7 @@ def mix_arg(mix) -> tuple:
     point into), or all zeros and no tensors for None (no mix). The caller keeps the tensors until the native
     call has returned: f_t and f_r may be packed copies that nothing else holds."""
     if mix is None:
-        return NO_MIX, ()
+        return _NO_MIX, ()
     f_t, f_r, stride_ft, stride_fr, coefficients = mix_rows(mix)
     return (f_t.data_ptr(), f_r.data_ptr(), stride_ft, stride_fr, coefficients.data_ptr()), (f_t, f_r, coefficients)
 

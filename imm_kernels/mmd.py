@@ -21,6 +21,8 @@ O(G M^2) memory.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -42,13 +44,19 @@ def forward_outputs(y_t: Tensor, group_size: int, bandwidth: Tensor | None, weig
     out = _native.new_output(y_t, () if reduction != "none" else groups)
     if not (grad_t or grad_r):
         return out, None
-    if backend == "cuda" and _dispatch.variant("IMM_CUDA_KERNELS") == "verified":
-        return out, _native.new_output(y_t, (grad_t + grad_r, *y_t.shape))
-    # Flat, G blocks of (6, M, M): an integer size is the cheapest allocation (0.7 us against 1.3 us for a
-    # 4-d shape on a CPU, 2026-12-02), and only the kernels read it.
-    acc = _validate.accumulation_dtype(y_t.dtype)
-    size = groups * COEFFICIENT_BLOCKS * group_size * group_size
-    return out, _native.new_output(y_t, size, None if acc is y_t.dtype else acc)
+    shape, dtype = _saved_layout(y_t, group_size, grad_t, grad_r, backend)
+    return out, _native.new_output(y_t, shape, None if dtype is y_t.dtype else dtype)
+
+
+def _saved_layout(y_t: Tensor, group_size: int, grad_t: bool, grad_r: bool, backend: str) -> tuple:
+    """(shape, dtype) of the forward op's saved state: with the GPU-verified CUDA kernels the gradients themselves,
+    (n, B, ...) in y_t's dtype; else the coefficients, G blocks of (6, M, M) in the accumulation dtype, flat: an
+    integer size is the cheapest allocation (0.7 us against 1.3 us for a 4-d shape on a CPU, 2026-12-02), and only
+    the kernels read it."""
+    if _saves_gradients(backend):
+        return (grad_t + grad_r, *y_t.shape), y_t.dtype
+    size = y_t.shape[0] // group_size * COEFFICIENT_BLOCKS * group_size * group_size
+    return size, _validate.accumulation_dtype(y_t.dtype)
 
 
 @torch.library.custom_op("imm_kernels::mmd_forward", mutates_args=())
@@ -89,11 +97,8 @@ def check_backward_operands(grad_output, saved, group_size, grad_t, grad_r, back
     groups = _validate.op_rows(group_size, *rows)
     if grad_t or grad_r:
         like = rows[0][1]
-        if _saves_gradients(backend):
-            size, dtype = (grad_t + grad_r) * like.numel(), like.dtype
-        else:
-            size = groups * COEFFICIENT_BLOCKS * group_size * group_size
-            dtype = _validate.accumulation_dtype(like.dtype)
+        shape, dtype = _saved_layout(like, group_size, grad_t, grad_r, backend)
+        size = shape if isinstance(shape, int) else math.prod(shape)
         _validate.op_backward_state(grad_output, saved, groups, size, dtype, like)
 
 
@@ -120,8 +125,6 @@ def _row_plan(y_t, y_r, group_size, backend, mix) -> tuple:
     t, r, stride_t, stride_r, features = _native.row_pair(y_t, y_r)
     leading = (t.data_ptr(), r.data_ptr(), stride_t, stride_r, y_t.shape[0] // group_size, group_size, features,
                _native.DTYPE_CODES[y_t.dtype])
-    if mix is None:
-        return _native.module(backend), leading, _native.NO_MIX, (t, r)
     mix_args, mix_rows = _native.mix_arg(mix)
     return _native.module(backend), leading, mix_args, (t, r, *mix_rows)
 
@@ -169,7 +172,7 @@ def _native_forward(y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, 
 def _plans_rows(backend: str) -> bool:
     """Whether the backend's mmd_forward implementation is _native_forward (the eager path then keeps its row
     plan for the backward)."""
-    return backend == "cpu" or (backend == "cuda" and _dispatch.variant("IMM_CUDA_KERNELS") == "next")
+    return backend == "cpu" or (backend == "cuda" and not _saves_gradients(backend))
 
 
 @_dispatch.register("mmd_backward", "cpu")
