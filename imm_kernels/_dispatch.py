@@ -4,6 +4,7 @@ looks on)."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from typing import Callable
@@ -66,7 +67,7 @@ def variant(name: str) -> str:
 
 _IMPLEMENTATIONS: dict[tuple[str, str], Callable] = {}
 _CUSTOM_OPS: dict[str, Callable] = {}
-_RESOLVED: dict[tuple[str, str, str], str] = {}
+_RESOLVED: dict[tuple[str, str, torch.device], str] = {}
 
 
 def register(op: str, backend: str):
@@ -193,7 +194,7 @@ def _top_saved_tensor_hooks():
         return None
     try:
         top(False)
-        return lambda: top(False)
+        return functools.partial(top, False)  # (no Python frame per call)
     except TypeError:
         return top
 
@@ -263,9 +264,10 @@ def _resolve(family: str, backend: str, device_type: str) -> str:
 
 
 def resolve(family: str, backend: str, device: torch.device) -> str:
-    """The concrete backend for op family `family` on `device` (decided once per process and device type);
-    raises with instructions when it cannot run."""
-    key = (family, backend, device.type)
+    """The concrete backend for op family `family` on `device` (decided once per process and device type, kept
+    per device: the key then costs no device.type, a third of this call on the hot path); raises with
+    instructions when it cannot run."""
+    key = (family, backend, device)
     resolved = _RESOLVED.get(key) if isinstance(backend, str) else None
     if resolved is None:
         resolved = _RESOLVED[key] = _resolve(family, backend, device.type)

@@ -18,13 +18,6 @@ from .imm import output_coefficients
 from .schedules import SCHEDULES, alpha, sigma
 
 
-def combine_outputs(src0: Tensor, write0: bool, write1: bool):
-    """The destinations, contiguous in src0's shape; None for an unwanted one."""
-
-    return (_native.new_output(src0) if write0 else None,
-            _native.new_output(src0) if write1 else None)
-
-
 @torch.library.custom_op("imm_kernels::combine", mutates_args=())
 def combine(src0: Tensor, src1: Tensor | None, time0: Tensor | None, time0_value: float, time1: Tensor | None,
             time1_value: float, kind: str, outputs: int, transpose: bool, write0: bool, write1: bool, schedule: str,
@@ -44,7 +37,7 @@ def combine(src0: Tensor, src1: Tensor | None, time0: Tensor | None, time0_value
 @combine.register_fake
 def _(src0, src1, time0, time0_value, time1, time1_value, kind, outputs, transpose, write0, write1, schedule, param,
       sigma_data, backend):
-    return _native.op_outputs(src0, *combine_outputs(src0, write0, write1))
+    return _native.op_outputs(src0, *_native.output_pair(src0, write0, write1))
 
 
 _dispatch.register_custom_op("combine", torch.ops.imm_kernels.combine)
@@ -55,7 +48,7 @@ def _native_combine(src0, src1, time0, time0_value, time1, time1_value, kind, ou
                     schedule, param, sigma_data, backend):
     _validate.native_scalar("time0", time0, src0.shape[0], src0)
     _validate.native_scalar("time1", time1, src0.shape[0], src0)
-    dst0, dst1 = combine_outputs(src0, write0, write1)
+    dst0, dst1 = _native.output_pair(src0, write0, write1)
     s0, row0, step0, features = _native.operand(src0)
     s1, row1, step1, _ = _native.operand(src1) if src1 is not None else (None, 0, 0, 0)
     _native.module(backend).combine(
@@ -80,7 +73,7 @@ def _verified_cuda_combine(src0, src1, time0, time0_value, time1, time1_value, k
     """The GPU-verified kernel (csrc/cuda/verified.h): packed sources and times in the accumulation dtype."""
     _validate.native_scalar("time0", time0, src0.shape[0], src0)
     _validate.native_scalar("time1", time1, src0.shape[0], src0)
-    dst0, dst1 = combine_outputs(src0, write0, write1)
+    dst0, dst1 = _native.output_pair(src0, write0, write1)
     rows, acc, device = src0.shape[0], _validate.accumulation_dtype(src0.dtype), src0.device
 
     def times(tensor, value):

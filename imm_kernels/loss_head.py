@@ -25,7 +25,7 @@ from torch import Tensor
 from . import _dispatch, _native, _validate, reference
 from .imm import output_coefficients
 from .interpolant import imm_output
-from .mmd import (_native_backward, _native_forward, backward_outputs, check_backward_operands, forward_outputs,
+from .mmd import (_native_backward, _native_forward, check_backward_operands, forward_outputs,
                   mmd_loss)
 
 _FUSED_BACKENDS = ("cpu", "triton")
@@ -77,7 +77,7 @@ def loss_head_backward(grad_output: Tensor, x_t: Tensor, g_t: Tensor, x_r: Tenso
 
 @loss_head_backward.register_fake
 def _(grad_output, x_t, g_t, x_r, g_r, coefficients, saved, group_size, grad_t, grad_r, backend):
-    return _native.op_outputs(g_t, *backward_outputs(g_t, grad_t, grad_r))
+    return _native.op_outputs(g_t, *_native.output_pair(g_t, grad_t, grad_r))
 
 
 _dispatch.register_custom_op("loss_head_forward", torch.ops.imm_kernels.loss_head_forward)

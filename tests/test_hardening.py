@@ -12,7 +12,7 @@ import torch
 from conftest import BACKEND_CASES, DEVICES, rel_error
 
 import imm_kernels
-from imm_kernels import reference
+from imm_kernels import _validate, reference
 
 
 def mmd_grads(y_t, y_r, group_size, backend, **options):
@@ -142,6 +142,45 @@ def test_autograd_functions_are_not_public():
     the interpolant functions and the torch.library ops."""
     assert not hasattr(imm_kernels, "MMDLossFunction") and not hasattr(imm_kernels, "CombineFunction")
     assert not {"MMDLossFunction", "CombineFunction"} & set(imm_kernels.__all__)
+
+
+def _plain_variants():
+    """mmd_loss's arguments, each entry one change from a valid common case (None: the case itself)."""
+    y_t, y_r = torch.randn(8, 5), torch.randn(8, 5)
+    nan, inf = float("nan"), float("inf")
+    return [
+        None, dict(group_size=8), dict(group_size=2, estimator="u"), dict(kernel="rbf", reduction="none"),
+        dict(eps=0.0), dict(y_t=y_t.double(), y_r=y_r.double()), dict(y_t=y_t[:, None], y_r=y_r[:, None]),
+        dict(group_size=3), dict(group_size=0), dict(group_size=-4), dict(group_size=True), dict(group_size=4.0),
+        dict(group_size=1, estimator="u"), dict(kernel="gauss"), dict(kernel=["laplace"]), dict(kernel=None),
+        dict(estimator="w"), dict(reduction="max"), dict(eps=-1.0), dict(eps=inf), dict(eps=nan), dict(eps=1),
+        dict(bandwidth=0.0), dict(bandwidth=-1.0), dict(bandwidth=nan), dict(bandwidth=inf), dict(bandwidth=1),
+        dict(bandwidth=torch.tensor(1.0)), dict(weight=1.0), dict(y_r=y_r.double()), dict(y_r=y_r[:, :4]),
+        dict(y_r=y_r[:4]), dict(y_r=y_r.reshape(8, 5, 1)), dict(y_t=y_t.int(), y_r=y_r.int()),
+        dict(y_t=torch.tensor(1.0), y_r=torch.tensor(2.0)), dict(y_t=y_t[:0], y_r=y_r[:0]),
+        dict(y_t=y_t[:, :0], y_r=y_r[:, :0]), dict(y_r=y_r.to("meta")), dict(y_r=y_r.numpy()),
+        dict(y_t=torch.nn.Parameter(y_t)),
+    ]
+
+
+@pytest.mark.parametrize("change", _plain_variants(), ids=lambda change: repr(change)[:60])
+def test_the_common_case_test_passes_nothing_the_full_checks_refuse(change):
+    """_validate.plain_mmd_device, mmd_loss's one-expression test of the common case (which then skips the full
+    checks), passes only arguments that the full checks accept, with a plain float bandwidth and no weight; and it
+    does take the valid common cases (else every call would pay for the full checks)."""
+    arguments = {**dict(y_t=torch.randn(8, 5), y_r=torch.randn(8, 5), group_size=4, kernel="laplace", bandwidth=1.0,
+                        weight=None, estimator="v", eps=1e-8, reduction="mean"), **(change or {})}
+    try:
+        _validate.full_mmd_options(**arguments)
+        accepted = True
+    except (TypeError, ValueError):
+        accepted = False
+    device = _validate.plain_mmd_device(**arguments)
+    plain = (type(arguments["y_t"]) is torch.Tensor and type(arguments["bandwidth"]) is float
+             and type(arguments["eps"]) is float and arguments["weight"] is None)
+    assert (device is not None) == (accepted and plain), f"accepted={accepted}, plain={plain}"
+    if device is not None:
+        assert device == arguments["y_t"].device
 
 
 @pytest.mark.parametrize("call,match", [

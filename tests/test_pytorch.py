@@ -310,6 +310,28 @@ def test_second_derivatives_through_torch_func(device, backend, op, order):
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_the_graph_keeps_pytorchs_contract_between_the_passes(device, backend):
+    """What autograd promises of a saved graph holds for mmd_loss: retain_graph=True gives the same gradients twice,
+    a second backward without it is refused, and so is a backward after an input was modified in place."""
+    y_t, y_r = (torch.randn(8, 5, dtype=torch.float64, device=device, requires_grad=True) for _ in range(2))
+    loss = imm_kernels.mmd_loss(y_t, y_r, 4, backend=backend)
+    first = torch.autograd.grad(loss, (y_t, y_r), retain_graph=True)
+    second = torch.autograd.grad(loss, (y_t, y_r))
+    expected = torch.autograd.grad(reference.mmd_loss(y_t, y_r, 4), (y_t, y_r))
+    for a, b, w in zip(first, second, expected):
+        assert torch.equal(a, b) and rel_error(a, w) <= rtol(torch.float64, device, backend)
+    with pytest.raises(RuntimeError, match="second time"):
+        torch.autograd.grad(loss, (y_t, y_r))
+    for modified in range(2):
+        inputs = [(y * 2).detach().requires_grad_() for y in (y_t, y_r)]
+        loss = imm_kernels.mmd_loss(*inputs, 4, backend=backend)
+        with torch.no_grad():
+            inputs[modified].add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
 def test_saved_tensor_hooks_own_what_autograd_saves(device, backend):
     """Under torch.autograd.graph.saved_tensors_hooks (offloading, checkpointing) the hooks decide what stays
     alive: nothing else in mmd_loss may hold y_t and y_r between the passes, and the gradients stay right."""

@@ -13,7 +13,6 @@ import triton
 import triton.language as tl
 
 from .. import _dispatch, _native, _validate
-from ..interpolant import combine_outputs
 from .mmd import scalar_operand
 
 _HALF_PI = tl.constexpr(math.pi / 2)
@@ -168,7 +167,7 @@ def combine(src0, src1, time0, time0_value, time1, time1_value, kind, outputs, t
         if kind == "imm_output":
             _validate.ordered_values("s", time0 if time0 is not None else time0_value,
                                      "t", time1 if time1 is not None else time1_value)
-    dst0, dst1 = combine_outputs(src0, write0, write1)
+    dst0, dst1 = _native.output_pair(src0, write0, write1)
     s0, row0, step0, features = _native.operand(src0)
     s1, row1, step1, _ = _native.operand(src1) if src1 is not None else (s0, 0, 0, 0)
     block_f, warps = block_features(features, _dispatch.variant("IMM_TRITON_COMBINE"))

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .. import _dispatch, _native, _validate
-from ..mmd import COEFFICIENT_BLOCKS, backward_outputs, forward_outputs
+from ..mmd import COEFFICIENT_BLOCKS, forward_outputs
 
 PAIR_SUMS = tl.constexpr(5)  # square (M x M) blocks of pass-1 sums per group: tt, rr, tr, dt, dr
 SIDE_BLOCKS = tl.constexpr(COEFFICIENT_BLOCKS // 2)  # own, cross, gap of one side
@@ -634,7 +634,7 @@ def mmd_forward(y_t, y_r, bandwidth, bandwidth_value, weight, weight_value, grou
 @_dispatch.register("mmd_backward", "triton")
 def mmd_backward(grad_output, y_t, y_r, saved, group_size, grad_t, grad_r, backend, mix=None):
     """With the loss head's mix (see mmd_forward) the gradients are those of f_t and f_r."""
-    out_t, out_r = backward_outputs(y_t, grad_t, grad_r)
+    out_t, out_r = _native.output_pair(y_t, grad_t, grad_r)
     rows, groups, features, block_d, chunk, shape = _layout(y_t, y_r, group_size, mix, backward=True)
     grads = (out_t if out_t is not None else saved, out_r if out_r is not None else saved)
     with torch.cuda.device_of(y_t):
