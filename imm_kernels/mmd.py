@@ -432,7 +432,7 @@ class _EagerMMDLoss(torch.autograd.Function):
     when only y_t and y_r need gradients (the training step); other gradients go through _gradients. options:
     mmd_forward's arguments after weight, bandwidth_value and weight_value first (see _op_arguments): one
     argument, because Function.apply costs per argument. Every step of this path counts: a small call costs about
-    49 us on a CPU, 14 us of it this module's Python (docs/pytorch.md)."""
+    47 us on a CPU, 10 us of it this package's Python (docs/pytorch.md)."""
 
     @staticmethod
     def forward(ctx, y_t, y_r, bandwidth, weight, options):
