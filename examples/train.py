@@ -60,6 +60,8 @@ TRAINING_OPTIONS = {
     "kernel": (("laplace", "rbf", "energy"), "laplace", "MMD kernel (the paper's: laplace)"),
     "estimator": (("v", "u"), "v", "MMD estimator: v (biased V-statistic, paper Eq. 67) or u (unbiased)"),
     "k": (float, 8.0, "r(s, t): eta decrement (eta(T) - eta(eps_t)) / 2^k"),
+    "bandwidth_scale": (float, 1.0, "the kernel's bandwidth is this / |c_out(s, t)| (the paper's: 1; below 1 a "
+                                    "wider kernel, see docs/few_step.md)"),
     "a": (float, 1.0, "time weight exponent a"),
     "b": (float, 5.0, "time weight offset b"),
     "iters": (int, 5000, "training steps; the learning rate decays to 0 over them (cosine)"),
@@ -173,6 +175,7 @@ def imm_loss(model, online, x, labels, generator: torch.Generator, config: dict,
     with autocast(config, device):
         return gen.loss(x.to(device), labels, group_size=config["group_size"], k=config["k"], kernel=config["kernel"],
                         estimator=config["estimator"], a=config["a"], b=config["b"],
+                        bandwidth_scale=config["bandwidth_scale"],
                         label_dropout=config["label_dropout"], generator=generator,
                         online=None if online is model else imm_generator(online, config))
 

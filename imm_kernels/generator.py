@@ -144,9 +144,9 @@ class IMMGenerator(torch.nn.Module):
 
     def loss(self, x: Tensor, labels: Tensor | None = None, *, group_size: int = 4, k: float = 12,
              kernel: str = "laplace", estimator: str = "v", a: float = 1.0, b: float = 5.0,
-             label_dropout: float = 0.0, target: torch.nn.Module | None = None, online=None,
-             generator: torch.Generator | None = None, delta: float | None = None, return_parts: bool = False,
-             backend: str = "auto"):
+             bandwidth_scale: float = 1.0, label_dropout: float = 0.0, target: torch.nn.Module | None = None,
+             online=None, generator: torch.Generator | None = None, delta: float | None = None,
+             return_parts: bool = False, backend: str = "auto"):
         """The IMM objective of one batch (docs/math.md section 4): the weighted grouped MMD between
         f_{s,t}(x_t) and the stop-gradient f_{s,r}(x_r), one (s, r, t) per group of group_size consecutive rows,
         x_t and x_r from the same (x, eps).
@@ -154,7 +154,9 @@ class IMMGenerator(torch.nn.Module):
         x: (B, ...) data scaled to standard deviation sigma_data, B a multiple of group_size. labels: (B,) or None;
         label_dropout: the probability that a group trains unconditionally (its labels set to null_label).
         k: r(s, t)'s eta decrement (eta(T) - eta(eps_t)) / 2^k; kernel, estimator: as mmd_loss; a, b: the time
-        weight w(t) of paper Eq. 13 (its bandwidth is 1 / |c_out(s, t)|). target: the network of the
+        weight w(t) of paper Eq. 13. The kernel's bandwidth is bandwidth_scale / |c_out(s, t)| (the paper's: 1);
+        a scale below 1 widens the kernel, which changes how the maps behave over several steps on low-dimensional
+        data (docs/few_step.md). target: the network of the
         stop-gradient pass (an EMA or frozen copy of the wrapped one's shape), default the wrapped network under
         no_grad. online: what to call for the pass with gradient, default this generator; pass DDP(generator)
         when the generator is wrapped in DistributedDataParallel (keep the DDP module referenced until backward:
@@ -170,6 +172,7 @@ class IMMGenerator(torch.nn.Module):
         if x.shape[0] % group_size:
             raise ValueError(f"the batch size {x.shape[0]} of x must be a multiple of group_size={group_size}")
         label_dropout = _validate.real("label_dropout", label_dropout, nonnegative=True)
+        bandwidth_scale = _validate.real("bandwidth_scale", bandwidth_scale, positive=True)
         if label_dropout >= 1:
             raise ValueError(f"label_dropout must be < 1; got {label_dropout}")
         if labels is not None and (not isinstance(labels, Tensor) or labels.shape != x.shape[:1]):
@@ -193,7 +196,8 @@ class IMMGenerator(torch.nn.Module):
         g_t = (self if online is None else online)(x_t, s_rows, t_rows, labels, network_output_only=True)
         with torch.no_grad():
             g_r = self(x_r, s_rows, r_rows, labels, network=target, network_output_only=True)
-        bandwidth = imm.kernel_bandwidth(s, t, schedule=self.schedule, param=self.param, sigma_data=self.sigma_data)
+        bandwidth = bandwidth_scale * imm.kernel_bandwidth(s, t, schedule=self.schedule, param=self.param,
+                                                           sigma_data=self.sigma_data)
         weight = imm.time_weight(t, a=a, b=b, schedule=self.schedule)
         # The loss head: mmd_loss of f_{s,t}(x_t) and f_{s,r}(x_r), the outputs formed inside its kernels.
         options = dict(schedule=self.schedule, param=self.param, sigma_data=self.sigma_data, kernel=kernel,

@@ -271,6 +271,8 @@ MUTANTS = [
     Mutant("imm_kernels/_validate.py", "and shape == y_r.shape and not shape[0] % group_size and",
            "and shape == y_r.shape and", ("tests/test_hardening.py", "-k", "common_case"),
            "the common-case test passes a group size that does not divide the batch"),
+    Mutant("imm_kernels/generator.py", "bandwidth = bandwidth_scale * imm.kernel_bandwidth(",
+           "bandwidth = imm.kernel_bandwidth(", GENERATOR, "IMMGenerator.loss ignores bandwidth_scale"),
     # The Triton kernels (run by the interpreter).
     Mutant(TRITON_MMD, "-t_minus_r_j * (w + z)", "t_minus_r_j * (w + z)", MMD_TRITON,
            "pass 1: the sign of the y_r side's delta"),

@@ -36,7 +36,8 @@ def trained(net) -> list:
     return [p for name, p in net.named_parameters() if not name.startswith("label")]
 
 
-def hand_composed_loss(net, x, labels, generator, *, group_size, k, a, b, schedule, param, time_embedding, backend):
+def hand_composed_loss(net, x, labels, generator, *, group_size, k, a, b, bandwidth_scale, schedule, param,
+                       time_embedding, backend):
     """The objective of docs/math.md section 4 from the low-level ops, drawing from the generator in the order the
     wrapper documents (label dropout, times, noise)."""
     groups = x.shape[0] // group_size
@@ -59,20 +60,21 @@ def hand_composed_loss(net, x, labels, generator, *, group_size, k, a, b, schedu
     with torch.no_grad():
         y_r = f(x_r, s_rows, r_rows)
     return imm_kernels.mmd_loss(y_t, y_r, group_size, backend=backend,
-                                bandwidth=imm.kernel_bandwidth(s, t, schedule=schedule, param=param),
+                                bandwidth=bandwidth_scale * imm.kernel_bandwidth(s, t, schedule=schedule, param=param),
                                 weight=imm.time_weight(t, a=a, b=b, schedule=schedule))
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
-@pytest.mark.parametrize("schedule,param,time_embedding", [("fm", "simple_edm", "s"), ("cosine", "identity", "stride"),
-                                                           ("fm", "euler_fm", "s")])
-def test_loss_equals_the_hand_composed_objective(device, backend, schedule, param, time_embedding):
+@pytest.mark.parametrize("schedule,param,time_embedding,bandwidth_scale", [
+    ("fm", "simple_edm", "s", 1.0), ("cosine", "identity", "stride", 1.0), ("fm", "euler_fm", "s", 1.0),
+    ("fm", "simple_edm", "s", 0.25)])
+def test_loss_equals_the_hand_composed_objective(device, backend, schedule, param, time_embedding, bandwidth_scale):
     """float64: the loss and every parameter's gradient within 1e-12 of the composition of the low-level ops."""
     net = Net().to(device)
     x = torch.randn(16, 3, dtype=torch.float64, device=device) * 0.5
     labels = torch.randint(0, 2, (16,), device=device)
     gen = IMMGenerator(net, schedule=schedule, param=param, time_embedding=time_embedding)
-    options = dict(group_size=4, k=10, a=2.0, b=4.0)
+    options = dict(group_size=4, k=10, a=2.0, b=4.0, bandwidth_scale=bandwidth_scale)
     loss = gen.loss(x, labels, label_dropout=0.25, generator=torch.Generator().manual_seed(1), backend=backend,
                     **options)
     grads = torch.autograd.grad(loss, list(net.parameters()))
@@ -300,6 +302,8 @@ BAD = [
     ("labels of the wrong shape", lambda gen, x: gen.loss(x, torch.zeros(3, dtype=torch.long)), ValueError,
      r"labels must be a tensor of shape \(16,\)"),
     ("label dropout of 1", lambda gen, x: gen.loss(x, label_dropout=1.0), ValueError, "label_dropout must be < 1"),
+    ("a bandwidth scale of 0", lambda gen, x: gen.loss(x, bandwidth_scale=0.0), ValueError,
+     "bandwidth_scale must be > 0"),
     ("an unknown sampler", lambda gen, x: gen.sample(4, (3,), sampler="euler"), ValueError, "sampler must be one of"),
     ("a network that is not callable", lambda gen, x: IMMGenerator(3), TypeError, "network must be a callable"),
 ]
