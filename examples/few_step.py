@@ -371,8 +371,11 @@ setting so far where it does not, but one step (3.06) and two (1.63) are worse t
 score of three seeds is still above the defaults' best 2-step one. On the Gaussian (`python examples/gaussian.py
 --estimator v -- --bandwidth-scale C`, seed 0) the wider kernels shrink the samples more than the default does:
 with 1/16 the std over the data's is 0.958 / 0.921 at 1 step, 0.983 / 0.960 at 2, 0.987 / 0.952 at 4 and 0.996 /
-0.971 at 8 (per axis); with 1/4 and `--k 6` 0.941 / 0.908, 0.977 / 0.946, 0.981 / 0.962, 0.991 / 0.968. So none
-of these settings is a default.
+0.971 at 8 (per axis); with 1/4 and `--k 6` 0.941 / 0.908, 0.977 / 0.946, 0.981 / 0.962, 0.991 / 0.968. On
+8gaussians and spirals (seed 0, `--data 8gaussians` or `--data spirals` in place of the checkerboard) 1/4 with
+`--k 6` scores 2.59 / 1.21 / 1.43 / 1.32 and 2.20 / 1.12 / 1.18 / 1.22 at 1 / 2 / 4 / 8 steps, against the
+defaults' 1.95 / 1.23 / 1.41 / 1.41 and 1.61 / 1.17 / 1.30 / 1.36: better at 8 steps, still worse than at 2. So
+none of these settings is a default.
 
 ## How noisy the metric is
 
