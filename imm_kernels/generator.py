@@ -172,9 +172,9 @@ class IMMGenerator(torch.nn.Module):
         if x.shape[0] % group_size:
             raise ValueError(f"the batch size {x.shape[0]} of x must be a multiple of group_size={group_size}")
         label_dropout = _validate.real("label_dropout", label_dropout, nonnegative=True)
-        bandwidth_scale = _validate.real("bandwidth_scale", bandwidth_scale, positive=True)
         if label_dropout >= 1:
             raise ValueError(f"label_dropout must be < 1; got {label_dropout}")
+        bandwidth_scale = _validate.real("bandwidth_scale", bandwidth_scale, positive=True)
         if labels is not None and (not isinstance(labels, Tensor) or labels.shape != x.shape[:1]):
             raise ValueError(f"labels must be a tensor of shape ({x.shape[0]},) or None")
         groups, device = x.shape[0] // group_size, x.device

@@ -25,8 +25,7 @@ from torch import Tensor
 from . import _dispatch, _native, _validate, reference
 from .imm import output_coefficients
 from .interpolant import imm_output
-from .mmd import (_native_backward, _native_forward, check_backward_operands, forward_outputs,
-                  mmd_loss)
+from .mmd import _native_backward, _native_forward, check_backward_operands, forward_outputs, mmd_loss
 
 _FUSED_BACKENDS = ("cpu", "triton")
 

@@ -601,7 +601,7 @@ def mmd_loss(y_t: Tensor, y_r: Tensor, group_size: int, *, kernel: str = "laplac
     if backend == "reference":
         return reference.mmd_loss(y_t, y_r, group_size, kernel=kernel, bandwidth=bandwidth, weight=weight,
                                   estimator=estimator, eps=eps, reduction=reduction)
-    if not y_t.is_contiguous():
+    if not y_t.is_contiguous():  # (memory_order's own first test: spares the common case its call)
         y_t, y_r = _native.memory_order(y_t, y_r)
     transforming = _dispatch.transforming()
     need_t, need_r = y_t.requires_grad, y_r.requires_grad
