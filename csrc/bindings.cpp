@@ -62,7 +62,7 @@ void define_current_contract(py::module_& m) {
                                     features,
                                     to_enum<DType>(dtype, 4, "dtype"),
                                     to_enum<Kernel>(kernel, 3, "kernel"),
-                                    to_enum<Estimator>(estimator, 2, "estimator"),
+                                    to_enum<Estimator>(estimator, 3, "estimator"),
                                     to_enum<Reduction>(reduction, 3, "reduction"),
                                     eps,
                                     scalar(bandwidth, bandwidth_stride, bandwidth_double, bandwidth_value),

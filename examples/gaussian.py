@@ -14,6 +14,7 @@ the exact std_s / std_t, the offset error over std_s, and the samples' std over 
 
     python examples/gaussian.py [--estimator v u] [--seeds 0 1 2] [--jobs 2] [--out out/gaussian] [-- TRAIN ARGS]
     python examples/gaussian.py --smoke       # the pipeline at toy size
+    python examples/gaussian.py --fixed-point # each estimator's one-step fixed point (no training, ~1.5 min)
 
 A run whose folder already holds a finished checkpoint of the same options is measured, not trained again.
 Results: OUT/results.json and the tables on stdout.
@@ -37,7 +38,7 @@ import torch
 import checkpoint
 import data
 from common import SIGMA_DATA, cli, imm_generator
-from imm_kernels import schedules
+from imm_kernels import imm, schedules
 from sample import generate
 
 EXAMPLES = Path(__file__).resolve().parent
@@ -122,6 +123,81 @@ def measure(folder: Path, samples: int = SAMPLES) -> dict:
             "samples": sampled}
 
 
+ESTIMATORS = ("v", "u", "unpaired")
+FIXED_POINT_ST = [(0.0, 0.994), (0.0, 0.8), (0.0, 0.6), (0.0, 0.4), (0.2, 0.4), (0.4, 0.8), (0.6, 0.8), (0.0, 0.2)]
+
+
+def group_losses(distances: dict, bandwidth: float, estimator: str, features: int) -> torch.Tensor:
+    """The Laplace-kernel MMD of each group from its (G, M, M) distance matrices "aa", "bb" and "ab" (a = y_t,
+    b = y_r), written out: "v" and "u" as imm_kernels.mmd_loss; "unpaired" the U-statistic over i != j in every
+    term, the cross term included, so that no y_t^i meets the y_r^i made from its own (x, eps)."""
+    k_aa, k_bb, k_ab = (torch.exp(-bandwidth * distances[pair].clamp_min(1e-8) / features) for pair in ("aa", "bb", "ab"))
+    if estimator == "v":
+        return (k_aa + k_bb - 2 * k_ab).mean((1, 2))
+    m = k_aa.shape[1]
+    eye = torch.eye(m, dtype=torch.bool)
+
+    def off_diagonal(k):
+        return k.masked_fill(eye, 0).sum((1, 2)) / (m * (m - 1))
+
+    cross = off_diagonal(k_ab) if estimator == "unpaired" else k_ab.mean((1, 2))
+    return off_diagonal(k_aa) + off_diagonal(k_bb) - 2 * cross
+
+
+def fixed_point_scale(s: float, t: float, estimator: str, mean: torch.Tensor, std: torch.Tensor, *, k: float = 8,
+                      group_size: int = 64, groups: int = 1000, schedule: str = "fm", seed: int = 0) -> float:
+    """Where one matching step of the objective puts the map f_{s,t} when its target f_{s,r} is exact: the scale c
+    (1 is exact) that minimises the expected group loss of c-scaled exact outputs about their mean,
+    f_c(x_t) = alpha_s mu + c (f*_{s,t}(x_t) - alpha_s mu), against f*_{s,r}(x_r), x_t and x_r from the same
+    (x, eps) as in training; the paper's bandwidth 1 / |c_out(s, t)| (simple_edm). Monte Carlo over `groups`
+    groups, the same draws for every c (a smooth objective), minimised by golden-section search on [0.8, 1.25]."""
+    generator = torch.Generator().manual_seed(seed)
+    r = float(imm.r_from_st(s, t, k=k, schedule=schedule))
+    x = mean + std * torch.randn(groups, group_size, 2, generator=generator, dtype=torch.float64)
+    noise = SIGMA_DATA * torch.randn(x.shape, generator=generator, dtype=torch.float64)
+
+    def at(time):
+        return schedules.alpha(time, schedule) * x + schedules.sigma(time, schedule) * noise
+
+    target = exact_map(at(r), s, r, mean, std, schedule)
+    centre = schedules.alpha(s, schedule) * mean
+    offset = exact_map(at(t), s, t, mean, std, schedule) - centre
+    bandwidth = float(imm.kernel_bandwidth(s, t, schedule=schedule))
+    unit = torch.cdist(offset, offset)  # the y_t distances scale with c; the y_r ones do not change
+    distances = {"bb": torch.cdist(target, target)}
+
+    def expected_loss(c):
+        distances.update(aa=c * unit, ab=torch.cdist(centre + c * offset, target))
+        return float(group_losses(distances, bandwidth, estimator, 2).mean())
+
+    low, high, golden = 0.8, 1.25, (math.sqrt(5) - 1) / 2
+    left, right = high - golden * (high - low), low + golden * (high - low)
+    loss_left, loss_right = expected_loss(left), expected_loss(right)
+    while high - low > 2e-4:
+        if loss_left < loss_right:
+            high, right, loss_right = right, left, loss_left
+            left = high - golden * (high - low)
+            loss_left = expected_loss(left)
+        else:
+            low, left, loss_left = left, right, loss_right
+            right = low + golden * (high - low)
+            loss_right = expected_loss(right)
+    return (low + high) / 2
+
+
+def fixed_point_table(k: float = 8, group_size: int = 64) -> str:
+    """Markdown: fixed_point_scale per estimator and (s, t) on the gaussian set (model space; one scale for both
+    coordinates)."""
+    mean, std = true_parameters(data.load("gaussian"))
+    lines = ["| estimator | " + " | ".join(f"s = {s:g}, t = {t:g}" for s, t in FIXED_POINT_ST) + " |",
+             "|---|" + "---|" * len(FIXED_POINT_ST)]
+    for estimator in ESTIMATORS:
+        cells = [f"{fixed_point_scale(s, t, estimator, mean, std, k=k, group_size=group_size):.4f}"
+                 for s, t in FIXED_POINT_ST]
+        lines.append(f"| {estimator} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def train(folder: Path, options: list[str]) -> None:
     """train.py on the gaussian data set, one thread, unless folder already holds a finished run of options."""
     done = folder / "options.json"
@@ -172,11 +248,13 @@ def format_tables(results: dict) -> str:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--estimator", nargs="+", default=["v", "u"], choices=["v", "u"])
+    parser.add_argument("--estimator", nargs="+", default=["v", "u"], choices=["v", "u", "unpaired"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at once, one thread each")
     parser.add_argument("--out", default="out/gaussian")
     parser.add_argument("--smoke", action="store_true", help="20 steps of batch 128 and 500 samples: the pipeline")
+    parser.add_argument("--fixed-point", action="store_true",
+                        help="print where one matching step puts each map against an exact target (no training)")
     parser.add_argument("train_args", nargs="*", help="more train.py options, after --")
     return parser.parse_args(argv)
 
@@ -184,6 +262,9 @@ def parse_args(argv):
 @cli
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.fixed_point:
+        print(fixed_point_table())
+        return
     out = Path(args.out)
     extra = args.train_args + (["--iters", "20", "--batch", "128"] if args.smoke else [])
     samples = 500 if args.smoke else SAMPLES

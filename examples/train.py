@@ -58,7 +58,8 @@ TRAINING_OPTIONS = {
     "param": (imm.PARAMS, "simple_edm", "parameterisation of f_{s,t} (euler_fm needs --schedule fm)"),
     "time_embedding": (("s", "stride"), "s", "second time input of the network: s, or t - s (stride)"),
     "kernel": (("laplace", "rbf", "energy"), "laplace", "MMD kernel (the paper's: laplace)"),
-    "estimator": (("v", "u"), "v", "MMD estimator: v (biased V-statistic, paper Eq. 67) or u (unbiased)"),
+    "estimator": (("v", "u", "unpaired"), "v", "MMD estimator: v (biased V-statistic, paper Eq. 67), u (self terms "
+                  "without i = j) or unpaired (no term with i = j: unbiased for IMM's paired particles)"),
     "k": (float, 8.0, "r(s, t): eta decrement (eta(T) - eta(eps_t)) / 2^k"),
     "bandwidth_scale": (float, 1.0, "the kernel's bandwidth is this / |c_out(s, t)| (the paper's: 1; below 1 a "
                                     "wider kernel, see docs/few_step.md)"),

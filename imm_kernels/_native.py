@@ -12,7 +12,7 @@ import torch
 
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 KERNEL_CODES = {"laplace": 0, "rbf": 1, "energy": 2}
-ESTIMATOR_CODES = {"v": 0, "u": 1}
+ESTIMATOR_CODES = {"v": 0, "u": 1, "unpaired": 2}
 REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}
 SCHEDULE_CODES = {"fm": 0, "cosine": 1}
 PARAM_CODES = {"simple_edm": 0, "euler_fm": 1, "identity": 2}

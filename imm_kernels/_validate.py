@@ -11,7 +11,7 @@ import math
 import torch
 
 KERNELS = ("laplace", "rbf", "energy")
-ESTIMATORS = ("v", "u")
+ESTIMATORS = ("v", "u", "unpaired")
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Dtypes the native kernels read scalar operands in (common/problems.h ScalarArg); others are converted.
@@ -165,12 +165,17 @@ def positive_values(name: str, tensor: torch.Tensor | None, what: str) -> None:
         raise ValueError(f"{name} must be > 0 for every {what}")
 
 
+def smallest_group(estimator: str) -> int:
+    """The least group size an estimator takes: the u-statistics need a pair i != j."""
+    return 1 if estimator == "v" else 2
+
+
 _FLOAT_SET = frozenset(FLOAT_DTYPES)
 _KERNEL_SET, _ESTIMATOR_SET, _REDUCTION_SET = frozenset(KERNELS), frozenset(ESTIMATORS), frozenset(REDUCTIONS)
 
 
 # The common case's choices (kernel, estimator, reduction) -> the least group size they take.
-_PLAIN_CHOICES = {(k, e, r): 2 if e == "u" else 1 for k in KERNELS for e in ESTIMATORS for r in REDUCTIONS}
+_PLAIN_CHOICES = {(k, e, r): smallest_group(e) for k in KERNELS for e in ESTIMATORS for r in REDUCTIONS}
 
 
 def plain_mmd_device(y_t, y_r, group_size, kernel, bandwidth, weight, estimator, eps, reduction):
@@ -213,7 +218,7 @@ def full_mmd_options(y_t, y_r, group_size, kernel, bandwidth, weight, estimator,
     choice("kernel", kernel, KERNELS)
     choice("estimator", estimator, ESTIMATORS)
     choice("reduction", reduction, REDUCTIONS)
-    positive_int("group_size", group_size, minimum=2 if estimator == "u" else 1)
+    positive_int("group_size", group_size, minimum=smallest_group(estimator))
     batch = y_t.shape[0]
     if batch % group_size:
         raise ValueError(f"the batch size {batch} of y_t must be a multiple of group_size={group_size}")

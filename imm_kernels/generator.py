@@ -168,7 +168,7 @@ class IMMGenerator(torch.nn.Module):
         (the loss is their mean) and parts["s"], ["r"], ["t"] the (G,) times.
         """
         _validate.float_tensor("x", x)
-        _validate.positive_int("group_size", group_size, minimum=2 if estimator == "u" else 1)
+        _validate.positive_int("group_size", group_size, minimum=_validate.smallest_group(estimator))
         if x.shape[0] % group_size:
             raise ValueError(f"the batch size {x.shape[0]} of x must be a multiple of group_size={group_size}")
         label_dropout = _validate.real("label_dropout", label_dropout, nonnegative=True)

@@ -196,6 +196,9 @@ def _verified_cuda_forward(y_t, y_r, bandwidth, bandwidth_value, weight, weight_
                            estimator, eps, reduction, grad_t, grad_r, backend):
     """The GPU-verified kernels (csrc/cuda/verified.h): per-group losses and the gradients of their weighted sum
     in one launch; the conversions, the reduction and (in backward) the scale are torch ops around it."""
+    if estimator == "unpaired":
+        raise ValueError("estimator='unpaired' is not in the GPU-verified CUDA kernels: use backend='triton', or "
+                         "IMM_CUDA_KERNELS=next (not yet run on a GPU)")
     groups, device = y_t.shape[0] // group_size, y_t.device
     out, saved = forward_outputs(y_t, group_size, bandwidth, weight, reduction, grad_t, grad_r, backend)
     acc = _validate.accumulation_dtype(y_t.dtype)
@@ -575,7 +578,9 @@ def mmd_loss(y_t: Tensor, y_r: Tensor, group_size: int, *, kernel: str = "laplac
     are flattened to D. kernel: "laplace" exp(-bw max(d, eps) / D), "rbf" exp(-bw d^2 / D) or "energy" -d (no
     bandwidth), d the Euclidean distance of two rows; the gradient at d = 0 is 0.
     bandwidth, weight: floats or 0-d / (G,) tensors; weight None means 1.
-    estimator: "v" (the full M x M, paper Eq. 67) or "u" (self terms without i = j, over M (M - 1)).
+    estimator: "v" (the full M x M, paper Eq. 67), "u" (self terms without i = j, over M (M - 1)) or "unpaired"
+    (every term without i = j, over M (M - 1): y_t^i never meets its partner y_r^i, so the estimate stays unbiased
+    when partners are dependent, as IMM's are; docs/gaussian.md).
     reduction: "mean" over groups, "sum", or "none" for the (G,) per-group losses.
     backend: "auto", "reference", "cpu", "triton" or "cuda". Output and gradients are in the input dtype,
     accumulated in float32 (float64 for float64 inputs); inputs of two dtypes run in the wider one under
@@ -631,7 +636,7 @@ class MMDLoss(torch.nn.Module):
         _validate.choice("kernel", kernel, _validate.KERNELS)
         _validate.choice("estimator", estimator, _validate.ESTIMATORS)
         _validate.choice("reduction", reduction, _validate.REDUCTIONS)
-        _validate.positive_int("group_size", group_size, minimum=2 if estimator == "u" else 1)
+        _validate.positive_int("group_size", group_size, minimum=_validate.smallest_group(estimator))
         _validate.real("eps", eps, nonnegative=True)
         if not isinstance(backend, str) or backend not in _dispatch.BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(map(repr, _dispatch.BACKENDS))}; got {backend!r}")

@@ -50,9 +50,11 @@ def mmd_loss(y_t, y_r, group_size, *, kernel="laplace", bandwidth=1.0, weight=No
     k = kernel_matrix(kernel, sq, _per_group(bw, bw_value, g, t).view(g, 1, 1), features, eps)
 
     self_w = torch.full((m, m), 1.0 / (m * m), dtype=t.dtype, device=t.device)
-    if estimator == "u":
-        self_w.fill_(1.0 / (m * (m - 1))).fill_diagonal_(0.0)
     cross_w = torch.full((m, m), -1.0 / (m * m), dtype=t.dtype, device=t.device)
+    if estimator != "v":  # u and unpaired: no self pair i = j
+        self_w.fill_(1.0 / (m * (m - 1))).fill_diagonal_(0.0)
+    if estimator == "unpaired":  # nor a cross pair of partners (y_t^i, y_r^i)
+        cross_w.fill_(-1.0 / (m * (m - 1))).fill_diagonal_(0.0)
     pair_w = torch.cat([torch.cat([self_w, cross_w], 1), torch.cat([cross_w, self_w], 1)], 0)
     per_group = _per_group(w, w_value, g, t) * (k * pair_w).sum((-2, -1))
     if reduction == "mean":

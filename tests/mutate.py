@@ -293,6 +293,16 @@ MUTANTS = [
            COMBINE_TRITON, "backward: the mix not transposed"),
     Mutant(TRITON_COMBINE, "feature * src1_feature_stride", "feature", COMBINE_TRITON,
            "the second source's feature stride ignored"),
+    # The unpaired estimator (no term with i = j).
+    Mutant(MMD_MATH, "return est == Estimator::unpaired ?", "return est == Estimator::unpaired && !diagonal ?",
+           MMD_CPU, "unpaired: the partners' cross term kept (weight 1/M^2)"),
+    Mutant(TRITON_MMD, "        cross_w = self_w", "        cross_w = tl.where(diagonal, cross_w, self_w)", MMD_TRITON,
+           "unpaired: the partners' cross term kept (weight 1/M^2)"),
+    Mutant("imm_kernels/reference.py", "cross_w.fill_(-1.0 / (m * (m - 1))).fill_diagonal_(0.0)",
+           "cross_w.fill_(-1.0 / (m * (m - 1)))", REFERENCE, "unpaired: the partners' cross term weighted as the rest"),
+    Mutant("imm_kernels/_validate.py", 'return 1 if estimator == "v" else 2', 'return 2 if estimator == "u" else 1',
+           ("tests/test_mmd.py", "tests/test_hardening.py", "-k", "bad_input or common_case"),
+           "unpaired takes groups of one (a division by zero)"),
 ]
 
 # Mutants of the CUDA kernels, listed for a machine with a GPU (they need one to build and run).

@@ -405,6 +405,31 @@ def test_gaussian_exact_maps_match_a_numerical_ode_solve(schedule):
                               gaussian.marginal_std(s, std, schedule).expand(64, 2))
 
 
+def test_gaussian_fixed_point_estimators():
+    """The fixed-point study's written-out estimators: "v" and "u" are imm_kernels' (against the reference), and
+    "unpaired" drops exactly the paired cross diagonal; one matching step against an exact target leaves the
+    unpaired U-statistic's map exact where the V-statistic's shrinks (s = 0.2, t = 0.4: r = s, the data itself)."""
+    import gaussian
+
+    from imm_kernels import reference
+
+    generator = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(3, 5, 2, dtype=torch.float64, generator=generator) for _ in range(2))
+    distances = {"aa": torch.cdist(a, a), "bb": torch.cdist(b, b), "ab": torch.cdist(a, b)}
+    for estimator in ("v", "u"):
+        want = reference.mmd_loss(a.reshape(15, 2), b.reshape(15, 2), 5, bandwidth=1.7, estimator=estimator,
+                                  reduction="none")
+        torch.testing.assert_close(gaussian.group_losses(distances, 1.7, estimator, 2), want, rtol=1e-12, atol=0)
+    paired = torch.exp(-1.7 * distances["ab"].diagonal(dim1=1, dim2=2) / 2).sum(1)
+    cross = torch.exp(-1.7 * distances["ab"] / 2).sum((1, 2))
+    moved = 2 * (cross / 25 - (cross - paired) / 20)  # u's cross term minus unpaired's
+    torch.testing.assert_close(gaussian.group_losses(distances, 1.7, "unpaired", 2),
+                               gaussian.group_losses(distances, 1.7, "u", 2) + moved, rtol=1e-12, atol=0)
+    mean, std = torch.tensor([0.0, 0.0], dtype=torch.float64), torch.tensor([0.63, 0.32], dtype=torch.float64)
+    scale = {e: gaussian.fixed_point_scale(0.2, 0.4, e, mean, std, groups=300) for e in ("v", "unpaired")}
+    assert scale["v"] < 0.994 and abs(scale["unpaired"] - 1) < 0.004, scale
+
+
 def test_gaussian_study_smoke(tmp_path):
     """The study's pipeline at toy size: trains, fits every map, samples at every step count, writes the tables."""
     result = run("gaussian.py", "--smoke", "--estimator", "v", "--jobs", "1", "--out", tmp_path)

@@ -43,8 +43,8 @@ def layout(x: torch.Tensor, kind: str) -> torch.Tensor:
 @st.composite
 def mmd_problems(draw):
     groups = draw(st.integers(1, 4))
-    estimator = draw(st.sampled_from(["v", "u"]))
-    group_size = draw(st.integers(2 if estimator == "u" else 1, 6))
+    estimator = draw(st.sampled_from(["v", "u", "unpaired"]))
+    group_size = draw(st.integers(1 if estimator == "v" else 2, 6))
     features = draw(st.integers(1, 40))
     dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]))
     scale = draw(st.sampled_from(SCALES[dtype]))

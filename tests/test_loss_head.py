@@ -83,7 +83,7 @@ def compare(device, backend, dtype, group_size=4, features=37, groups=3, wanted=
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("estimator", ["v", "u"])
+@pytest.mark.parametrize("estimator", ["v", "u", "unpaired"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_matches_reference_and_composition(device, backend, kernel, estimator, reduction, dtype):
@@ -109,7 +109,7 @@ def test_group_sizes_and_widths(device, backend, group_size, features):
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("estimator", ["v", "u"])
+@pytest.mark.parametrize("estimator", ["v", "u"])  # unpaired's second-order loss: test_mmd.py
 def test_near_duplicates_float32(device, backend, kernel, estimator):
     """x_r ~ x_t, g_r ~ g_t, r ~ t: the loss within the pair sums' 1e-4 (test_mmd.py); the gradients, where
     rounding the formed outputs to float32 alone costs about 5e-4, no worse than the composition's."""

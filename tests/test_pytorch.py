@@ -49,7 +49,7 @@ def run(op: str, backend: str, *tensors, **options):
 
 
 OPS = ["mmd_loss", "interpolate", "interpolate_pair", "imm_output", "ddim"]
-MMD_OPTIONS = [dict(kernel=k, estimator=e, reduction=r) for k in ("laplace", "rbf", "energy") for e in ("v", "u")
+MMD_OPTIONS = [dict(kernel=k, estimator=e, reduction=r) for k in ("laplace", "rbf", "energy") for e in ("v", "u", "unpaired")
                for r in ("mean", "sum", "none")]
 OP_VARIANTS = ([pytest.param("mmd_loss", o, id="mmd_loss-" + "-".join(o.values())) for o in MMD_OPTIONS]
                + [pytest.param(op, dict(schedule=s), id=f"{op}-{s}") for op in OPS[1:] for s in ("fm", "cosine")]

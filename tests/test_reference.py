@@ -42,7 +42,8 @@ def loop_mmd(y_t, y_r, group_size, kernel, bandwidth, weight, estimator, eps, up
                         self_w = 1 / m**2
                     else:
                         self_w = 0.0 if i == j else 1 / (m * (m - 1))
-                    for partner, w_pair in ((rows[side][j], self_w), (rows[other][j], -1 / m**2)):
+                    cross_w = -self_w if estimator == "unpaired" else -1 / m**2
+                    for partner, w_pair in ((rows[side][j], self_w), (rows[other][j], cross_w)):
                         diff = [a - b for a, b in zip(x_i, partner)]
                         d = math.sqrt(sum(v * v for v in diff))
                         k, psi = kernel_and_psi(kernel, d, c, eps)
@@ -64,7 +65,7 @@ def reference_loss_and_grads(y_t, y_r, group_size, upstream, **options):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("estimator", ["v", "u"])
+@pytest.mark.parametrize("estimator", ["v", "u", "unpaired"])
 @pytest.mark.parametrize("group_size,features", [(2, 1), (3, 4), (5, 3)])
 @pytest.mark.parametrize("eps", [0.0, 0.7])
 def test_reference_matches_loops_over_pairs(kernel, estimator, group_size, features, eps):
@@ -101,11 +102,12 @@ def cdist_mmd(y_t, y_r, group_size, kernel, bandwidth, estimator, eps):
             return kxx.sum((1, 2)) / m**2
         return (kxx.sum((1, 2)) - kxx.diagonal(dim1=1, dim2=2).sum(1)) / (m * (m - 1))
 
-    return self_sum(k(t, t)) + self_sum(k(r, r)) - 2 * k(t, r).sum((1, 2)) / m**2
+    cross = self_sum(k(t, r)) if estimator == "unpaired" else k(t, r).sum((1, 2)) / m**2
+    return self_sum(k(t, t)) + self_sum(k(r, r)) - 2 * cross
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("estimator", ["v", "u"])
+@pytest.mark.parametrize("estimator", ["v", "u", "unpaired"])
 @pytest.mark.parametrize("group_size,features", [(4, 3072), (16, 257), (8, 7)])
 def test_reference_matches_cdist_formulation(kernel, estimator, group_size, features):
     groups = 3
@@ -149,6 +151,8 @@ def test_two_points_closed_form(kernel):
 # at distances 0, 2, 1, 1; V weighs every pair 1/4, U the two off-diagonal self pairs 1/2 each.
 TWO_PAIRS = {("laplace", "v"): 0.25, ("laplace", "u"): -0.375, ("rbf", "v"): 0.25, ("rbf", "u"): -0.46875,
              ("energy", "v"): 0.5, ("energy", "u"): -1.0}
+# unpaired: k(t1, t2) + k(r1, r2) - k(t1, r2) - k(t2, r1), the distances 1, 2, 2, 1 cancel for every kernel.
+TWO_PAIRS.update({(kernel, "unpaired"): 0.0 for kernel in ("laplace", "rbf", "energy")})
 
 
 @pytest.mark.parametrize("kernel,estimator", list(TWO_PAIRS))

@@ -60,7 +60,7 @@ def test_float_overflow_in_one_part_is_summed_again_in_double(kernel):
 
 @pytest.mark.parametrize("count", [1, 4])
 @pytest.mark.parametrize("kernel", ["laplace", "rbf", "energy"])
-@pytest.mark.parametrize("estimator", ["v", "u"])
+@pytest.mark.parametrize("estimator", ["v", "u", "unpaired"])
 @pytest.mark.parametrize("group_size", [17, 40])
 def test_groups_of_several_row_blocks(count, kernel, estimator, group_size):
     """M > 16: pair blocks on and off the diagonal, the last row block short (17 = 16 + 1, 40 = 16 + 16 + 8), and

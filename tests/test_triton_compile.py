@@ -76,7 +76,7 @@ def variants():
 
     # Many small groups, e.g. (G, M, D) = (1024, 4, 4096): forward and backward one program per group.
     for kernel in ("laplace", "rbf", "energy"):
-        for estimator in ("v", "u"):
+        for estimator in ("v", "u", "unpaired"):
             yield mmd._mmd_forward_kernel, "fp32", dict(group_shape(4, "fp32", 4096), **forward(kernel, estimator))
     for dtype, kernel in (("bf16", "laplace"), ("fp16", "rbf"), ("fp64", "energy")):
         yield mmd._mmd_forward_kernel, dtype, dict(group_shape(4, dtype, 4096), **forward(kernel, "u"))

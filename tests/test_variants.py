@@ -29,7 +29,7 @@ def test_unknown_variant_is_refused(monkeypatch):
 
 @pytest.mark.parametrize("name,value,device,backend", PARAMS)
 @pytest.mark.parametrize("kernel", ["laplace", "rbf", "energy"])
-@pytest.mark.parametrize("estimator", ["v", "u"])
+@pytest.mark.parametrize("estimator", ["v", "u", "unpaired"])
 @pytest.mark.parametrize("shape", [(3, 4, 33), (2, 3, 5000), (1, 17, 40)], ids=["groups", "split", "M17"])
 def test_mmd_loss_variant(monkeypatch, name, value, device, backend, kernel, estimator, shape):
     monkeypatch.setenv(name, value)

@@ -88,11 +88,18 @@ struct PairCoefficients {
   T loss, own, cross, gap;  // gradient coefficients of X_i - X_j, X_i - Y_j and X_j - Y_j
 };
 
-// Weight of the self term k(X_i, X_j) for one ordered pair.
+// Weight of the self term k(X_i, X_j) for one ordered pair: u and unpaired leave out i = j.
 template <class T>
 IMM_HD T self_weight(Estimator est, int64_t m, bool diagonal) {
   if (est == Estimator::v) return T(1) / T(m * m);
   return diagonal ? T(0) : T(1) / T(m * (m - 1));
+}
+
+// Weight of the cross term k(X_i, Y_j) for one ordered pair: unpaired also leaves out the partners i = j (made
+// from one (x, eps) in IMM, so dependent), which keeps the estimate unbiased.
+template <class T>
+IMM_HD T cross_weight(Estimator est, int64_t m, bool diagonal) {
+  return est == Estimator::unpaired ? self_weight<T>(est, m, diagonal) : T(1) / T(m * m);
 }
 
 // Loss contribution and (with kGradient) gradient coefficients of one ordered pair (i, j) of one side.

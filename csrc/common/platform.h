@@ -15,7 +15,7 @@ namespace imm {
 // The integer codes are part of the Python <-> native contract (imm_kernels/_native.py).
 enum class DType : int { f32 = 0, f64 = 1, f16 = 2, bf16 = 3 };
 enum class Kernel : int { laplace = 0, rbf = 1, energy = 2 };
-enum class Estimator : int { v = 0, u = 1 };
+enum class Estimator : int { v = 0, u = 1, unpaired = 2 };
 enum class Reduction : int { mean = 0, sum = 1, none = 2 };
 enum class Schedule : int { fm = 0, cosine = 1 };
 enum class Param : int { simple_edm = 0, euler_fm = 1, identity = 2 };

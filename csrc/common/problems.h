@@ -117,7 +117,7 @@ inline void check(const OutputMix& mix) {
 inline void check(const MmdForwardProblem& p) {
   check_sizes(p.groups, p.group_size, p.features, p.stride_t, p.stride_r);
   check(p.mix);
-  require(p.estimator != Estimator::u || p.group_size >= 2, "mmd: the u estimator needs group_size >= 2");
+  require(p.estimator == Estimator::v || p.group_size >= 2, "mmd: the u and unpaired estimators need group_size >= 2");
   require(p.y_t && p.y_r && p.out, "mmd: null input or output pointer");
   if (!(p.eps >= 0 && std::isfinite(p.eps))) fail("eps must be >= 0 and finite; got " + std::to_string(p.eps));
 }

@@ -299,7 +299,7 @@ template <bool kGradient, class Acc>
 double finalize_block(const MmdForwardProblem& p, int64_t g, const PairBlock& block, const double* stats, Acc* coef) {
   const int64_t m = p.group_size, mm = m * m, rows = block.rows(), ll = rows * rows;
   const double c = kernel_scale(p.kernel, p.bandwidth.at(g), p.features);
-  const double cross_w = 1.0 / double(mm), grad_w = group_weights(p, g).grad;
+  const double grad_w = group_weights(p, g).grad;
   double total = 0;
   for (int64_t a = 0; a < rows; ++a) {
     for (int64_t b = 0; b < rows; ++b) {
@@ -311,7 +311,8 @@ double finalize_block(const MmdForwardProblem& p, int64_t g, const PairBlock& bl
         const double b2 = stats[kTR * ll + (side == 0 ? ab : b * rows + a)];  // |t_a - r_b|^2, or |r_a - t_b|^2
         const double delta = stats[(side == 0 ? kDT : kDR) * ll + ab];
         const PairCoefficients<double> r = pair_coefficients<double, kGradient>(
-            p.kernel, self_weight<double>(p.estimator, m, i == j), cross_w, grad_w, a2, b2, delta, e2, c, p.eps, i == j);
+            p.kernel, self_weight<double>(p.estimator, m, i == j), cross_weight<double>(p.estimator, m, i == j),
+            grad_w, a2, b2, delta, e2, c, p.eps, i == j);
         total += r.loss;
         if constexpr (kGradient) {
           Acc* side_coef = coef + side * kSideBlocks * mm + ij;

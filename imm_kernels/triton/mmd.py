@@ -124,10 +124,12 @@ def _group_coefficients(tt, rr, tr, dt, dr, bandwidth, weight, grad_scale, eps, 
     # Divided as float64 tensors: the interpreter would round a quotient of Python numbers to float32.
     one = tl.full((), 1.0, tl.float64)
     cross_w = one / (GROUP_SIZE * GROUP_SIZE)
-    if ESTIMATOR == "u":  # self terms without i = j, over M (M - 1)
-        self_w = tl.where(diagonal, 0.0, one / (GROUP_SIZE * (GROUP_SIZE - 1)))
-    else:
+    if ESTIMATOR == "v":
         self_w = cross_w
+    else:  # u and unpaired: self terms without i = j, over M (M - 1)
+        self_w = tl.where(diagonal, 0.0, one / (GROUP_SIZE * (GROUP_SIZE - 1)))
+    if ESTIMATOR == "unpaired":  # and cross terms without the partners i = j
+        cross_w = self_w
     c = bandwidth.to(tl.float64) / features
     if KERNEL == "energy":
         c = one

@@ -43,7 +43,6 @@ __device__ void finalize_group(const MmdForwardProblem& p, int64_t g, bool activ
   double loss = 0;
   if (active) {
     const double c = kernel_scale(p.kernel, p.bandwidth.at(g), p.features);
-    const double cross_w = 1.0 / double(mm);
     const double grad_w = 2.0 * p.weight.at(g) / (p.reduction == Reduction::mean ? double(p.groups) : 1.0);
     Acc* coef = static_cast<Acc*>(p.coefficients);
     for (int64_t e = team.thread; e < 2 * mm; e += team.size) {
@@ -62,6 +61,7 @@ __device__ void finalize_group(const MmdForwardProblem& p, int64_t g, bool activ
         e2 += chunk[e2_at];
       }
       const double self_w = self_weight<double>(p.estimator, m, i == j);
+      const double cross_w = cross_weight<double>(p.estimator, m, i == j);
       if (coef) {
         const PairCoefficients<double> r =
             pair_coefficients<double, true>(p.kernel, self_w, cross_w, grad_w, a2, b2, delta, e2, c, p.eps, i == j);
