@@ -63,6 +63,8 @@ TRAINING_OPTIONS = {
     "k": (float, 8.0, "r(s, t): eta decrement (eta(T) - eta(eps_t)) / 2^k"),
     "bandwidth_scale": (float, 1.0, "the kernel's bandwidth is this / |c_out(s, t)| (the paper's: 1; below 1 a "
                                     "wider kernel, see docs/few_step.md)"),
+    "partner_weight": (float, 1.0, "weight of the partners' cross terms k(f_{s,t}(x_t^i), f_{s,r}(x_r^i)) relative "
+                                   "to the V-statistic's (the paper's: 1; see docs/gaussian.md)"),
     "a": (float, 1.0, "time weight exponent a"),
     "b": (float, 5.0, "time weight offset b"),
     "iters": (int, 5000, "training steps; the learning rate decays to 0 over them (cosine)"),
@@ -176,7 +178,7 @@ def imm_loss(model, online, x, labels, generator: torch.Generator, config: dict,
     with autocast(config, device):
         return gen.loss(x.to(device), labels, group_size=config["group_size"], k=config["k"], kernel=config["kernel"],
                         estimator=config["estimator"], a=config["a"], b=config["b"],
-                        bandwidth_scale=config["bandwidth_scale"],
+                        bandwidth_scale=config["bandwidth_scale"], partner_weight=config["partner_weight"],
                         label_dropout=config["label_dropout"], generator=generator,
                         online=None if online is model else imm_generator(online, config))
 

@@ -144,7 +144,8 @@ class IMMGenerator(torch.nn.Module):
 
     def loss(self, x: Tensor, labels: Tensor | None = None, *, group_size: int = 4, k: float = 12,
              kernel: str = "laplace", estimator: str = "v", a: float = 1.0, b: float = 5.0,
-             bandwidth_scale: float = 1.0, label_dropout: float = 0.0, target: torch.nn.Module | None = None,
+             bandwidth_scale: float = 1.0, partner_weight: float = 1.0, label_dropout: float = 0.0,
+             target: torch.nn.Module | None = None,
              online=None, generator: torch.Generator | None = None, delta: float | None = None,
              return_parts: bool = False, backend: str = "auto"):
         """The IMM objective of one batch (docs/math.md section 4): the weighted grouped MMD between
@@ -156,7 +157,11 @@ class IMMGenerator(torch.nn.Module):
         k: r(s, t)'s eta decrement (eta(T) - eta(eps_t)) / 2^k; kernel, estimator: as mmd_loss; a, b: the time
         weight w(t) of paper Eq. 13. The kernel's bandwidth is bandwidth_scale / |c_out(s, t)| (the paper's: 1);
         a scale below 1 widens the kernel, which changes how the maps behave over several steps on low-dimensional
-        data (docs/few_step.md). target: the network of the
+        data (docs/few_step.md). partner_weight (estimator "v" only): the weight of the partners' cross terms
+        k(f_{s,t}(x_t^i), f_{s,r}(x_r^i)), made from one (x, eps), relative to the V-statistic's (1, the paper's):
+        partner_weight * V + (1 - partner_weight) (1 - 1/M) * the "unpaired" estimate, every other pair weighed as in
+        V. The partners' regression is what narrows the maps; below 1 it weighs less (docs/gaussian.md). Two passes
+        of the loss head where it is not 1. target: the network of the
         stop-gradient pass (an EMA or frozen copy of the wrapped one's shape), default the wrapped network under
         no_grad. online: what to call for the pass with gradient, default this generator; pass DDP(generator)
         when the generator is wrapped in DistributedDataParallel (keep the DDP module referenced until backward:
@@ -175,6 +180,10 @@ class IMMGenerator(torch.nn.Module):
         if label_dropout >= 1:
             raise ValueError(f"label_dropout must be < 1; got {label_dropout}")
         bandwidth_scale = _validate.real("bandwidth_scale", bandwidth_scale, positive=True)
+        partner_weight = _validate.real("partner_weight", partner_weight, nonnegative=True)
+        if partner_weight != 1 and (estimator != "v" or group_size < 2):
+            raise ValueError(f"partner_weight={partner_weight} needs estimator='v' and group_size >= 2; got "
+                             f"estimator={estimator!r}, group_size={group_size}")
         if labels is not None and (not isinstance(labels, Tensor) or labels.shape != x.shape[:1]):
             raise ValueError(f"labels must be a tensor of shape ({x.shape[0]},) or None")
         groups, device = x.shape[0] // group_size, x.device
@@ -201,12 +210,21 @@ class IMMGenerator(torch.nn.Module):
         weight = imm.time_weight(t, a=a, b=b, schedule=self.schedule)
         # The loss head: mmd_loss of f_{s,t}(x_t) and f_{s,r}(x_r), the outputs formed inside its kernels.
         options = dict(schedule=self.schedule, param=self.param, sigma_data=self.sigma_data, kernel=kernel,
-                       estimator=estimator, bandwidth=bandwidth.to(device), weight=weight.to(device), backend=backend)
+                       bandwidth=bandwidth.to(device), backend=backend, reduction="mean" if not return_parts else "none")
         times = [v.to(device) for v in (s, r, t)]
+        weight = weight.to(device)
+
+        def head(estimator, weight):
+            return imm_mmd_loss(x_t, g_t, x_r, g_r, *times, group_size, estimator=estimator, weight=weight, **options)
+
+        if partner_weight == 1:
+            loss = head(estimator, weight)
+        else:  # V with the partners' cross terms weighed partner_weight: a mix of V and the unpaired estimate
+            loss = head("v", partner_weight * weight) + head("unpaired", (1 - partner_weight) * (1 - 1 / group_size)
+                                                             * weight)
         if not return_parts:
-            return imm_mmd_loss(x_t, g_t, x_r, g_r, *times, group_size, **options)
-        per_group = imm_mmd_loss(x_t, g_t, x_r, g_r, *times, group_size, reduction="none", **options)
-        return per_group.mean(), {"per_group": per_group, "s": s, "r": r, "t": t}
+            return loss
+        return loss.mean(), {"per_group": loss, "s": s, "r": r, "t": t}
 
     @torch.no_grad()
     def sample(self, n: int, sample_shape, *, steps: int = 1, sampler: str = "pushforward", grid: str = "auto",

@@ -303,6 +303,9 @@ MUTANTS = [
     Mutant("imm_kernels/_validate.py", 'return 1 if estimator == "v" else 2', 'return 2 if estimator == "u" else 1',
            ("tests/test_mmd.py", "tests/test_hardening.py", "-k", "bad_input or common_case"),
            "unpaired takes groups of one (a division by zero)"),
+    Mutant("imm_kernels/generator.py", "head(\"unpaired\", (1 - partner_weight) * (1 - 1 / group_size)",
+           "head(\"unpaired\", (1 - partner_weight) * (1 - 1 / group_size ** 2)", GENERATOR,
+           "partner_weight: the unpaired estimate weighed 1 - 1/M^2 instead of 1 - 1/M"),
 ]
 
 # Mutants of the CUDA kernels, listed for a machine with a GPU (they need one to build and run).

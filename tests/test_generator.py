@@ -37,7 +37,7 @@ def trained(net) -> list:
 
 
 def hand_composed_loss(net, x, labels, generator, *, group_size, k, a, b, bandwidth_scale, schedule, param,
-                       time_embedding, backend):
+                       time_embedding, backend, partner_weight=1.0):
     """The objective of docs/math.md section 4 from the low-level ops, drawing from the generator in the order the
     wrapper documents (label dropout, times, noise)."""
     groups = x.shape[0] // group_size
@@ -59,22 +59,33 @@ def hand_composed_loss(net, x, labels, generator, *, group_size, k, a, b, bandwi
     y_t = f(x_t, s_rows, t_rows)
     with torch.no_grad():
         y_r = f(x_r, s_rows, r_rows)
-    return imm_kernels.mmd_loss(y_t, y_r, group_size, backend=backend,
-                                bandwidth=bandwidth_scale * imm.kernel_bandwidth(s, t, schedule=schedule, param=param),
-                                weight=imm.time_weight(t, a=a, b=b, schedule=schedule))
+    bandwidth = bandwidth_scale * imm.kernel_bandwidth(s, t, schedule=schedule, param=param)
+    weight = imm.time_weight(t, a=a, b=b, schedule=schedule)
+    if partner_weight == 1:
+        return imm_kernels.mmd_loss(y_t, y_r, group_size, backend=backend, bandwidth=bandwidth, weight=weight)
+    # The V-statistic's pair sums with the partners' cross terms (and the constant self diagonals) weighed
+    # partner_weight, from distances of their own.
+    m, features = group_size, y_t.shape[1]
+    a_, b_ = y_t.reshape(groups, m, -1), y_r.reshape(groups, m, -1)
+    kernel = [torch.exp(-bandwidth.view(groups, 1, 1) * torch.cdist(u, v).clamp_min(1e-8) / features)
+              for u, v in ((a_, a_), (b_, b_), (a_, b_))]
+    pair = torch.full((m, m), 1.0, dtype=y_t.dtype, device=y_t.device).fill_diagonal_(partner_weight) / m**2
+    per_group = ((kernel[0] + kernel[1] - 2 * kernel[2]) * pair).sum((1, 2))
+    return (weight.to(per_group) * per_group).mean()
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
-@pytest.mark.parametrize("schedule,param,time_embedding,bandwidth_scale", [
-    ("fm", "simple_edm", "s", 1.0), ("cosine", "identity", "stride", 1.0), ("fm", "euler_fm", "s", 1.0),
-    ("fm", "simple_edm", "s", 0.25)])
-def test_loss_equals_the_hand_composed_objective(device, backend, schedule, param, time_embedding, bandwidth_scale):
+@pytest.mark.parametrize("schedule,param,time_embedding,bandwidth_scale,partner_weight", [
+    ("fm", "simple_edm", "s", 1.0, 1.0), ("cosine", "identity", "stride", 1.0, 1.0), ("fm", "euler_fm", "s", 1.0, 1.0),
+    ("fm", "simple_edm", "s", 0.25, 1.0), ("fm", "simple_edm", "s", 1.0, 0.25), ("cosine", "simple_edm", "s", 1.0, 0.0)])
+def test_loss_equals_the_hand_composed_objective(device, backend, schedule, param, time_embedding, bandwidth_scale,
+                                                 partner_weight):
     """float64: the loss and every parameter's gradient within 1e-12 of the composition of the low-level ops."""
     net = Net().to(device)
     x = torch.randn(16, 3, dtype=torch.float64, device=device) * 0.5
     labels = torch.randint(0, 2, (16,), device=device)
     gen = IMMGenerator(net, schedule=schedule, param=param, time_embedding=time_embedding)
-    options = dict(group_size=4, k=10, a=2.0, b=4.0, bandwidth_scale=bandwidth_scale)
+    options = dict(group_size=4, k=10, a=2.0, b=4.0, bandwidth_scale=bandwidth_scale, partner_weight=partner_weight)
     loss = gen.loss(x, labels, label_dropout=0.25, generator=torch.Generator().manual_seed(1), backend=backend,
                     **options)
     grads = torch.autograd.grad(loss, list(net.parameters()))
@@ -304,6 +315,10 @@ BAD = [
     ("label dropout of 1", lambda gen, x: gen.loss(x, label_dropout=1.0), ValueError, "label_dropout must be < 1"),
     ("a bandwidth scale of 0", lambda gen, x: gen.loss(x, bandwidth_scale=0.0), ValueError,
      "bandwidth_scale must be > 0"),
+    ("a negative partner weight", lambda gen, x: gen.loss(x, partner_weight=-0.5), ValueError,
+     "partner_weight must be >= 0"),
+    ("a partner weight with the u estimator", lambda gen, x: gen.loss(x, estimator="u", partner_weight=0.5),
+     ValueError, "partner_weight=0.5 needs estimator='v'"),
     ("an unknown sampler", lambda gen, x: gen.sample(4, (3,), sampler="euler"), ValueError, "sampler must be one of"),
     ("a network that is not callable", lambda gen, x: IMMGenerator(3), TypeError, "network must be a callable"),
 ]

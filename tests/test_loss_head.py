@@ -4,7 +4,7 @@ the paths that compose instead of fusing; torch.compile, opcheck; bad input."""
 
 import pytest
 import torch
-from conftest import BACKEND_CASES, rel_error, rtol, threads
+from conftest import BACKEND_CASES, rel_error, rtol, skip_where_refused, threads
 
 import imm_kernels
 from imm_kernels import imm, reference
@@ -57,6 +57,7 @@ def compare(device, backend, dtype, group_size=4, features=37, groups=3, wanted=
     inputs = [x_t, g_t, x_r, g_r]
     if layout is not None and len(layout) == 3:
         inputs = [x.contiguous(memory_format=torch.channels_last) for x in inputs]
+    skip_where_refused(device, backend, options.get("estimator", "v"))
     options = dict(schedule=schedule, param=param, **options)
     probe = torch.randn(groups if options.get("reduction") == "none" else (), dtype=torch.float64, device=device)
 
