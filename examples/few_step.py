@@ -301,7 +301,9 @@ examples/run.sh` scores: the mean over {sets} disjoint sets of 5,000 samples, ov
 sets of 5,000 training points (1 is as good as real data, lower is better).
 
 On a Gaussian, where every map has a closed-form answer, the same defaults shrink the samples by 3 to 6% at every step count
-(the V-statistic) and the U-statistic widens the 1-step map by 10 to 13%: [gaussian.md](gaussian.md).
+(the V-statistic) and the U-statistic widens the 1-step map by 10 to 13%: [gaussian.md](gaussian.md). The cause
+is each particle's partner (the one made from the same (x, eps)): the V-statistic is the unbiased MMD plus a
+regression on the partner, whose fixed point is narrower; `--partner-weight` weighs that term less (gaussian.md).
 
 ## In short
 
