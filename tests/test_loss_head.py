@@ -88,6 +88,8 @@ def compare(device, backend, dtype, group_size=4, features=37, groups=3, wanted=
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_matches_reference_and_composition(device, backend, kernel, estimator, reduction, dtype):
+    if estimator == "unpaired" and dtype not in (torch.float64, torch.float32):
+        pytest.skip("unpaired differs from u in its pair weights only: the narrow dtypes are u's and v's")
     groups = 3
     # float16: weights that keep the gradients above its subnormals (6e-5), where it has no digits to compare
     scale = 1000 if dtype == torch.float16 else 1

@@ -32,6 +32,8 @@ def test_unknown_variant_is_refused(monkeypatch):
 @pytest.mark.parametrize("estimator", ["v", "u", "unpaired"])
 @pytest.mark.parametrize("shape", [(3, 4, 33), (2, 3, 5000), (1, 17, 40)], ids=["groups", "split", "M17"])
 def test_mmd_loss_variant(monkeypatch, name, value, device, backend, kernel, estimator, shape):
+    if estimator == "unpaired" and shape != (3, 4, 33):
+        pytest.skip("unpaired differs from u in its pair weights only (the shared coefficient code): one shape")
     monkeypatch.setenv(name, value)
     skip_where_refused(device, backend, estimator)
     groups, group_size, features = shape
