@@ -28,11 +28,11 @@ import torch
 
 import checkpoint
 import data
-import imm_kernels
 import metrics
 import plots
-from common import SIGMA_DATA, cli, imm_generator
+from common import cli
 from imm_kernels import schedules
+from map_error import map_errors
 from reproduce import ROOT, Row, Run, add_jobs_option, logged_training, ratio, run_all, wall_seconds
 from sample import TWO_STEP_ETA, generate
 
@@ -100,31 +100,12 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
-@torch.no_grad()
 def dispersion(folder: Path) -> dict:
     """{t: {s: std(f_{s,t}(x_t)) / std(x_s)}}: how much the trained map from time t to time s widens (> 1) or
     narrows (< 1) the true marginal it is given, averaged over the coordinates, on DISPERSION_SAMPLES pairs."""
     torch.set_num_threads(1)
-    state = checkpoint.load(folder)
-    config = state["config"]
-    dataset = data.load(config["data"])
-    model = checkpoint.build_model(state)
-    generator = torch.Generator().manual_seed(1)
-    x = dataset.train[torch.randint(len(dataset.train), (DISPERSION_SAMPLES,), generator=generator)].double()
-    noise = SIGMA_DATA * torch.randn(x.shape, generator=generator, dtype=torch.float64)
-
-    def full(value):
-        return torch.full((len(x),), value, dtype=torch.float64)
-
-    def marginal(time):
-        return imm_kernels.interpolate(x, noise, full(time), schedule=config["schedule"])
-
-    table, gen = {}, imm_generator(model, config)
-    for t in DISPERSION_T:
-        x_t = marginal(t)
-        table[str(t)] = {str(s): float((gen(x_t, full(s), full(t)).std(0)
-                                        / marginal(s).std(0)).mean()) for s in DISPERSION_S if s < t}
-    return table
+    table = map_errors(folder, DISPERSION_T, DISPERSION_S, DISPERSION_SAMPLES)
+    return {str(t): {str(s): std for s, (std, _) in row.items()} for t, row in table.items()}
 
 
 @torch.no_grad()
@@ -304,6 +285,8 @@ On a Gaussian, where every map has a closed-form answer, the same defaults shrin
 (the V-statistic) and the U-statistic widens the 1-step map by 10 to 13%: [gaussian.md](gaussian.md). The cause
 is each particle's partner (the one made from the same (x, eps)): the V-statistic is the unbiased MMD plus a
 regression on the partner, whose fixed point is narrower; `--partner-weight` weighs that term less (gaussian.md).
+On the checkerboard the maps trained through the chain of r-steps widen instead; the evidence points to the Laplace
+kernel's shape in that same term (the section "Why the maps to intermediate times widen" below).
 
 ## In short
 
@@ -378,6 +361,70 @@ with 1/16 the std over the data's is 0.958 / 0.921 at 1 step, 0.983 / 0.960 at 2
 `--k 6` scores 2.59 / 1.21 / 1.43 / 1.32 and 2.20 / 1.12 / 1.18 / 1.22 at 1 / 2 / 4 / 8 steps, against the
 defaults' 1.95 / 1.23 / 1.41 / 1.41 and 1.61 / 1.17 / 1.30 / 1.36: better at 8 steps, still worse than at 2. So
 none of these settings is a default.
+
+## Why the maps to intermediate times widen: the kernel's shape in the partners' term (2026-12-03, first runs)
+
+`python examples/map_error.py --ckpt DIR` measures each trained map on its own true input: for a grid of (t, s) it
+feeds f_(s,t) points of the exact t-marginal and prints the std of f_(s,t)(x_t) over that of true x_s and the SW
+from f_(s,t)(x_t) to true x_s over the SW between two independent sets of true x_s (1: as close as the marginal's
+own sampling noise; one set of 20,000 each, so about +-0.3). The main job's defaults, seed 0 (`IMM_RUN_DIR=out/cb
+bash examples/run.sh`, then `python examples/map_error.py --ckpt out/cb --t 0.994 0.8 0.6 0.375 --s 0 0.2 0.375
+0.6 0.8`); cells: std ratio / SW ratio:
+
+| t \\ s | s = 0 | s = 0.2 | s = 0.375 | s = 0.6 | s = 0.8 |
+|---|---|---|---|---|---|
+| 0.994 | 0.969 / 3.74 | 1.010 / 1.51 | 0.999 / 1.54 | 1.028 / 2.35 | 1.012 / 1.11 |
+| 0.8 | 0.991 / 2.15 | 0.996 / 1.07 | 1.003 / 1.39 | 1.028 / 2.24 |  |
+| 0.6 | 0.982 / 2.16 | 0.994 / 1.08 | 1.007 / 1.54 |  |  |
+| 0.375 | 0.987 / 1.51 | 1.001 / 0.98 |  |  |  |
+
+Even the short map from t = 0.8 to s = 0.6 widens by 2.8%, where on the Gaussian the same maps are exact within
+1% ([gaussian.md](gaussian.md)), while the maps from t = 0.375 are within 1.3% and near the floor. Those are maps
+that k = 8 trains directly: where eta(t) - eta(s) is below one r-step (0.65 in eta: every t below 0.39 for s = 0,
+below 0.68 for s = 0.6), r(s, t) is clamped at s and the target is the data x_s itself. Every other map is trained
+through the chain of r-steps down to that region, and those are the ones that widen.
+
+What the evidence points to: the partners' term ([gaussian.md](gaussian.md)) with the Laplace kernel is a
+regression whose fixed point is not the conditional mean. Given x_t, the partner's f_(s,r)(x_r) is spread around
+the value the flow needs, its conditional mean (the probability-flow velocity is a conditional mean). A kernel
+with a cusp at 0 is an L1-like loss where it is wide (its minimiser is the conditional median) and a mode-seeking
+one where it is sharp; chained over the r-steps, the maps then follow a median or mode flow, not the probability
+flow. On a Gaussian median, mode and mean coincide, which is why the Gaussian study sees only the shrink of the
+direct regression. Near the edge of a bounded support (the checkerboard's outer squares) the posterior of the data
+point given x_t is a Gaussian cut at the edge, whose mode lies on the edge, outside its mean: the maps push the
+edge outward. An L1-like term's gradient does not vanish at its minimum, so it holds its fixed point against the
+smooth MMD term at any weight: `--partner-weight 0.25` leaves the widening as it is (t = 0.8 to s = 0.6: 1.023).
+The runs that test this (checkerboard, seed 0; pushforward 1 / 2 / 4 / 8 steps, SW over the floor as above, and
+the widest map):
+
+| run | 1 step | 2 steps | 4 steps | 8 steps | map t = 0.8 to s = 0.6 | map t = 0.994 to s = 0 |
+|---|---|---|---|---|---|---|
+| the defaults (Laplace) | 2.26 | 1.55 | 1.66 | 1.87 | 1.028 / 2.24 | 0.969 / 3.74 |
+| `--partner-weight 0.25` | 2.91 | 1.51 | 1.61 | 2.08 | 1.023 / 1.87 | 0.952 / 5.28 |
+| Laplace, r-steps constant in t (*) | 2.89 | 2.77 | 2.39 | 3.08 | 1.038 / 2.81 | 1.021 / 4.31 |
+| `--kernel rbf` | 6.10 | 3.04 | 2.89 | 2.80 | 1.002 / 1.02 | 0.873 / 11.35 |
+| `--kernel rbf --bandwidth-scale 4` | 5.33 | 2.64 | 2.06 | 1.69 | 0.994 / 1.18 | 0.887 / 9.93 |
+| `--kernel rbf --bandwidth-scale 16` | 4.44 | 1.96 | 1.52 | 1.74 | 1.011 / 1.35 | 0.906 / 8.30 |
+| `--kernel rbf --bandwidth-scale 4 --k 6` | 4.39 | 2.36 | 2.08 | 1.82 | 0.991 / 1.32 | 0.911 / 8.13 |
+| rbf, scale 4, r-steps constant in t (*) | 3.55 | 3.17 | 3.31 | 3.64 | 1.009 / 1.38 | 0.973 / 6.09 |
+
+(*) A patched r(s, t) = max(s, t - (T - eps_t) / 2^8), not an option: the chain then covers every map, the low
+ones included. With the Laplace kernel every map widens (by 2 to 5%); a sharper Laplace kernel (`--bandwidth-scale
+4`, the first table of the section above) makes every added step worse. The RBF kernel, whose partners' term is an
+L2 regression at these distances (fixed point: the conditional mean), leaves the chained maps at the right width,
+and its pushforward gets better with every step, as the paper's does on images; but the RBF term's gradient falls
+with the distance between partners, so information crosses the roughly 250 r-steps near T (k = 8) too slowly for
+5,000 steps: the maps from T are 10 to 13% narrow and one and two steps are far worse than the defaults'. On the
+Gaussian (`python examples/gaussian.py --estimator v -- --kernel rbf [--bandwidth-scale 4]`, seed 0) the RBF
+kernel's samples are 0.889, 0.785 / 0.954, 0.877 / 1.010, 0.956 / 1.059, 1.005 of the data's std at 1 / 2 / 4 / 8
+steps (scale 4: 0.884, 0.830 / 0.919, 0.865 / 0.965, 0.941 / 1.004, 0.968). Neither the constant-t r-steps (which
+train the maps from T to the right width with the RBF kernel, 0.973, but lose the direct regression that keeps the
+low maps sharp) nor a larger partners' weight in the chained groups with the partners left out where r = s (RBF,
+scale 4, weight 4: 6.31 / 2.78 / 2.16 / 1.86, maps from T 14% narrow) fixes that.
+
+So the two kernels fail in opposite ways: the Laplace kernel carries the chain fast and biases it on data that is
+not Gaussian, the RBF kernel carries it without that bias and too slowly. No setting tried meets issue 25's targets;
+what is left to try is a partners' term with the RBF kernel's fixed point and the Laplace kernel's pull.
 
 ## How noisy the metric is
 

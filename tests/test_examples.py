@@ -438,3 +438,38 @@ def test_gaussian_study_smoke(tmp_path):
     assert set(results["v-seed0"]["samples"]) == {"pushforward 1", "pushforward 2", "pushforward 4", "pushforward 8",
                                                   "restart 2", "restart 4", "restart 8"}
     assert "fitted scale over the exact" in result.stdout
+
+
+def test_map_error_scores_exact_and_widened_maps(tmp_path, monkeypatch):
+    """examples/map_error.py on the gaussian data set with the trained network replaced by the exact flow map:
+    every std ratio is 1 and every SW ratio is sampling noise; the same map widened by 5% reads 1.05."""
+    import gaussian
+    import map_error
+
+    out = tmp_path / "gaussian"
+    run("train.py", "--out", out, "--data", "gaussian", "--iters", 2, "--eval-every", -1, *TINY)
+    train = gaussian.data.load("gaussian").train.double()
+    mean, std = train.mean(0), train.std(0)
+    for widen in (1.0, 1.05):
+        def exact(model, config, widen=widen):
+            def f(x_t, s, t):
+                s, t = float(s[0]), float(t[0])
+                centre = gaussian.schedules.alpha(s, "fm") * mean
+                return centre + widen * (gaussian.exact_map(x_t, s, t, mean, std, "fm") - centre)
+            return f
+
+        monkeypatch.setattr(map_error, "imm_generator", exact)
+        table = map_error.map_errors(out, [0.9, 0.5], [0.0, 0.5, 0.7], 20_000)
+        assert {t: sorted(row) for t, row in table.items()} == {0.9: [0.0, 0.5, 0.7], 0.5: [0.0]}
+        for row in table.values():
+            for std_ratio, sw_ratio in row.values():
+                assert abs(std_ratio - widen) < 0.01 and (sw_ratio < 1.6 if widen == 1 else sw_ratio > 2)
+
+
+def test_map_error_prints_the_table(trained):
+    result = run("map_error.py", "--ckpt", trained, "--t", 0.8, 0.4, "--s", 0, 0.4, "--n", 200)
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 0.")]
+    assert [row.split("|")[1].strip() for row in rows] == ["0.8", "0.4"]
+    assert rows[1].split("|")[3].strip() == ""  # s = 0.4 is not below t = 0.4
+    std_ratio, sw_ratio = map(float, rows[0].split("|")[2].split("/"))
+    assert math.isfinite(std_ratio) and std_ratio > 0 and math.isfinite(sw_ratio) and sw_ratio > 0
