@@ -15,6 +15,7 @@ the exact std_s / std_t, the offset error over std_s, and the samples' std over 
     python examples/gaussian.py [--estimator v u] [--seeds 0 1 2] [--jobs 2] [--out out/gaussian] [-- TRAIN ARGS]
     python examples/gaussian.py --smoke       # the pipeline at toy size
     python examples/gaussian.py --fixed-point # each estimator's one-step fixed point (no training, ~1.5 min)
+    python examples/gaussian.py --fixed-point-support  # V and unpaired on Gaussian and uniform data, Laplace and RBF
 
 A run whose folder already holds a finished checkpoint of the same options is measured, not trained again.
 Results: OUT/results.json and the tables on stdout.
@@ -79,6 +80,41 @@ def velocity(x: torch.Tensor, t: torch.Tensor, mean: torch.Tensor, std: torch.Te
     return d_alpha * (mean + alpha * std**2 / variance * centred) + d_sigma * sigma * sigma_data**2 / variance * centred
 
 
+def uniform_cdf(y: torch.Tensor, t, mean: torch.Tensor, std: torch.Tensor, schedule: str,
+                sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+    """P(x_t <= y) per coordinate for data uniform on mean +- sqrt(3) std, coordinates independent (float t)."""
+    alpha, sigma = float(schedules.alpha(t, schedule)), float(schedules.sigma(t, schedule))
+    half = math.sqrt(3) * std
+    centred = y - alpha * mean
+    if sigma == 0:
+        return ((centred + half) / (2 * half)).clamp(0, 1)
+    spread = sigma * sigma_data
+
+    def integral_of_cdf(u):  # an antiderivative of the standard normal CDF
+        return u * torch.special.ndtr(u) + torch.exp(-u * u / 2) / math.sqrt(2 * math.pi)
+
+    return spread / (2 * alpha * half) * (integral_of_cdf((centred + alpha * half) / spread)
+                                          - integral_of_cdf((centred - alpha * half) / spread))
+
+
+def uniform_exact_map(x_t: torch.Tensor, s, t, mean: torch.Tensor, std: torch.Tensor, schedule: str,
+                      sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+    """f*_{s,t}(x_t) for uniform data (as uniform_cdf): per coordinate the increasing map between the two marginals,
+    F_s^-1(F_t(x_t)), which the probability flow is (the coordinates flow independently; in one dimension the flow
+    keeps the order of points). F_s is inverted by bisection to float64 resolution."""
+    if s == t:
+        return x_t.clone()
+    level = uniform_cdf(x_t, t, mean, std, schedule, sigma_data)
+    alpha, sigma = float(schedules.alpha(s, schedule)), float(schedules.sigma(s, schedule))
+    centre, reach = alpha * mean, alpha * math.sqrt(3) * std + 40 * sigma * sigma_data
+    low, high = (centre - reach).expand_as(x_t).clone(), (centre + reach).expand_as(x_t).clone()
+    for _ in range(64):
+        middle = (low + high) / 2
+        below = uniform_cdf(middle, s, mean, std, schedule, sigma_data) < level
+        low, high = torch.where(below, middle, low), torch.where(below, high, middle)
+    return (low + high) / 2
+
+
 def true_parameters(dataset: data.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of the generating Gaussian in model space (examples/data.py centres and scales the points)."""
     mean = torch.tensor(data.GAUSSIAN_MEAN, dtype=torch.float64)
@@ -125,13 +161,20 @@ def measure(folder: Path, samples: int = SAMPLES) -> dict:
 
 ESTIMATORS = ("v", "u", "unpaired")
 FIXED_POINT_ST = [(0.0, 0.994), (0.0, 0.8), (0.0, 0.6), (0.0, 0.4), (0.2, 0.4), (0.4, 0.8), (0.6, 0.8), (0.0, 0.2)]
+# Chained maps (r above s: (0, 0.6), (0.4, 0.8), (0.6, 0.8)) and direct ones (r = s: (0, 0.3), (0.2, 0.4)) at k = 8.
+SUPPORT_ST = [(0.0, 0.6), (0.4, 0.8), (0.6, 0.8), (0.0, 0.3), (0.2, 0.4)]
+SUPPORT_KERNELS = [("laplace", 1.0), ("rbf", 4.0)]
 
 
-def group_losses(distances: dict, bandwidth: float, estimator: str, features: int) -> torch.Tensor:
-    """The Laplace-kernel MMD of each group from its (G, M, M) distance matrices "aa", "bb" and "ab" (a = y_t,
-    b = y_r), written out: "v" and "u" as imm_kernels.mmd_loss; "unpaired" the U-statistic over i != j in every
-    term, the cross term included, so that no y_t^i meets the y_r^i made from its own (x, eps)."""
-    k_aa, k_bb, k_ab = (torch.exp(-bandwidth * distances[pair].clamp_min(1e-8) / features) for pair in ("aa", "bb", "ab"))
+def group_losses(distances: dict, bandwidth: float, estimator: str, features: int,
+                 kernel: str = "laplace") -> torch.Tensor:
+    """The MMD of each group from its (G, M, M) distance matrices "aa", "bb" and "ab" (a = y_t, b = y_r), written
+    out for the Laplace or the RBF kernel: "v" and "u" as imm_kernels.mmd_loss; "unpaired" the U-statistic over
+    i != j in every term, the cross term included, so that no y_t^i meets the y_r^i made from its own (x, eps)."""
+    def kernel_of(d):
+        return torch.exp(-bandwidth * (d.clamp_min(1e-8) if kernel == "laplace" else d.square()) / features)
+
+    k_aa, k_bb, k_ab = (kernel_of(distances[pair]) for pair in ("aa", "bb", "ab"))
     if estimator == "v":
         return (k_aa + k_bb - 2 * k_ab).mean((1, 2))
     m = k_aa.shape[1]
@@ -145,30 +188,38 @@ def group_losses(distances: dict, bandwidth: float, estimator: str, features: in
 
 
 def fixed_point_scale(s: float, t: float, estimator: str, mean: torch.Tensor, std: torch.Tensor, *, k: float = 8,
-                      group_size: int = 64, groups: int = 1000, schedule: str = "fm", seed: int = 0) -> float:
+                      group_size: int = 64, groups: int = 1000, schedule: str = "fm", seed: int = 0,
+                      support: str = "gaussian", kernel: str = "laplace", bandwidth_scale: float = 1.0) -> float:
     """Where one matching step of the objective puts the map f_{s,t} when its target f_{s,r} is exact: the scale c
     (1 is exact) that minimises the expected group loss of c-scaled exact outputs about their mean,
     f_c(x_t) = alpha_s mu + c (f*_{s,t}(x_t) - alpha_s mu), against f*_{s,r}(x_r), x_t and x_r from the same
-    (x, eps) as in training; the paper's bandwidth 1 / |c_out(s, t)| (simple_edm). Monte Carlo over `groups`
-    groups, the same draws for every c (a smooth objective), minimised by golden-section search on [0.8, 1.25]."""
+    (x, eps) as in training; the bandwidth bandwidth_scale / |c_out(s, t)| (simple_edm; the paper's scale: 1).
+    support: the data, "gaussian" (N(mean, std^2)) or "uniform" (mean +- sqrt(3) std: the same moments, bounded),
+    coordinates independent. Monte Carlo over `groups` groups, the same draws for every c (a smooth objective),
+    minimised by golden-section search on [0.8, 1.25]."""
     generator = torch.Generator().manual_seed(seed)
     r = float(imm.r_from_st(s, t, k=k, schedule=schedule))
-    x = mean + std * torch.randn(groups, group_size, 2, generator=generator, dtype=torch.float64)
+    shape = (groups, group_size, len(mean))
+    if support == "gaussian":
+        x, flow = mean + std * torch.randn(shape, generator=generator, dtype=torch.float64), exact_map
+    else:
+        x = mean + math.sqrt(3) * std * (2 * torch.rand(shape, generator=generator, dtype=torch.float64) - 1)
+        flow = uniform_exact_map
     noise = SIGMA_DATA * torch.randn(x.shape, generator=generator, dtype=torch.float64)
 
     def at(time):
         return schedules.alpha(time, schedule) * x + schedules.sigma(time, schedule) * noise
 
-    target = exact_map(at(r), s, r, mean, std, schedule)
+    target = flow(at(r), s, r, mean, std, schedule)
     centre = schedules.alpha(s, schedule) * mean
-    offset = exact_map(at(t), s, t, mean, std, schedule) - centre
-    bandwidth = float(imm.kernel_bandwidth(s, t, schedule=schedule))
+    offset = flow(at(t), s, t, mean, std, schedule) - centre
+    bandwidth = bandwidth_scale * float(imm.kernel_bandwidth(s, t, schedule=schedule))
     unit = torch.cdist(offset, offset)  # the y_t distances scale with c; the y_r ones do not change
     distances = {"bb": torch.cdist(target, target)}
 
     def expected_loss(c):
         distances.update(aa=c * unit, ab=torch.cdist(centre + c * offset, target))
-        return float(group_losses(distances, bandwidth, estimator, 2).mean())
+        return float(group_losses(distances, bandwidth, estimator, len(mean), kernel).mean())
 
     low, high, golden = 0.8, 1.25, (math.sqrt(5) - 1) / 2
     left, right = high - golden * (high - low), low + golden * (high - low)
@@ -195,6 +246,21 @@ def fixed_point_table(k: float = 8, group_size: int = 64) -> str:
         cells = [f"{fixed_point_scale(s, t, estimator, mean, std, k=k, group_size=group_size):.4f}"
                  for s, t in FIXED_POINT_ST]
         lines.append(f"| {estimator} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def support_table(k: float = 8, group_size: int = 64) -> str:
+    """Markdown: fixed_point_scale of the V-statistic and the unpaired estimate on Gaussian and on uniform data of
+    the same moments (the gaussian set's), with the paper's Laplace kernel and an RBF kernel (bandwidth scale 4)."""
+    mean, std = true_parameters(data.load("gaussian"))
+    lines = ["| kernel | data | estimator | " + " | ".join(f"s = {s:g}, t = {t:g}" for s, t in SUPPORT_ST) + " |",
+             "|---|---|---|" + "---|" * len(SUPPORT_ST)]
+    for kernel, scale in SUPPORT_KERNELS:
+        for support in ("gaussian", "uniform"):
+            for estimator in ("v", "unpaired"):
+                options = dict(k=k, group_size=group_size, support=support, kernel=kernel, bandwidth_scale=scale)
+                cells = [f"{fixed_point_scale(s, t, estimator, mean, std, **options):.4f}" for s, t in SUPPORT_ST]
+                lines.append(f"| {kernel} (scale {scale:g}) | {support} | {estimator} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -255,6 +321,9 @@ def parse_args(argv):
     parser.add_argument("--smoke", action="store_true", help="20 steps of batch 128 and 500 samples: the pipeline")
     parser.add_argument("--fixed-point", action="store_true",
                         help="print where one matching step puts each map against an exact target (no training)")
+    parser.add_argument("--fixed-point-support", action="store_true",
+                        help="the same for the V-statistic and the unpaired estimate on Gaussian and on bounded "
+                             "(uniform) data, Laplace and RBF kernels (no training, ~6 min)")
     parser.add_argument("train_args", nargs="*", help="more train.py options, after --")
     return parser.parse_args(argv)
 
@@ -262,8 +331,8 @@ def parse_args(argv):
 @cli
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.fixed_point:
-        print(fixed_point_table())
+    if args.fixed_point or args.fixed_point_support:
+        print(fixed_point_table() if args.fixed_point else support_table())
         return
     out = Path(args.out)
     extra = args.train_args + (["--iters", "20", "--batch", "128"] if args.smoke else [])
