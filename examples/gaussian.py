@@ -331,8 +331,11 @@ def parse_args(argv):
 @cli
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.fixed_point or args.fixed_point_support:
-        print(fixed_point_table() if args.fixed_point else support_table())
+    if args.fixed_point:
+        print(fixed_point_table())
+        return
+    if args.fixed_point_support:
+        print(support_table())
         return
     out = Path(args.out)
     extra = args.train_args + (["--iters", "20", "--batch", "128"] if args.smoke else [])

@@ -52,15 +52,19 @@ def map_errors(folder: Path, times_t, times_s, n: int, seed: int = 1) -> dict:
     directions = torch.randn(PROJECTIONS, dataset.train.shape[1], generator=generator, dtype=torch.float64)
     directions /= directions.norm(dim=1, keepdim=True)
     inputs, reference, independent = draw(), draw(), draw()
+    targets = {}  # per s, shared by every row: true x_s, its sorted projections, and the floor
+    for s in times_s:
+        x_s = marginal(reference, s)
+        projections = metrics.sorted_projections(x_s, directions)
+        targets[s] = x_s, projections, metrics.sliced_wasserstein(marginal(independent, s), x_s, directions,
+                                                                  projections)
     gen, table = imm_generator(model, config), {}
     for t in times_t:
         x_t = marginal(inputs, t)
         row = table.setdefault(t, {})
         for s in (s for s in times_s if s < t):
-            x_s = marginal(reference, s)
-            projections = metrics.sorted_projections(x_s, directions)
+            x_s, projections, floor = targets[s]
             mapped = gen(x_t, full(s), full(t))
-            floor = metrics.sliced_wasserstein(marginal(independent, s), x_s, directions, projections)
             row[s] = (float((mapped.std(0) / x_s.std(0)).mean()),
                       metrics.sliced_wasserstein(mapped, x_s, directions, projections) / floor)
     return table

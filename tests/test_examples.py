@@ -463,7 +463,6 @@ def test_gaussian_fixed_point_estimators():
     assert scale["v"] < 0.994 and abs(scale["unpaired"] - 1) < 0.004, scale
 
 
-
 def test_fixed_point_on_bounded_data_widens_with_the_laplace_kernel():
     """One matching step of a chained map (s = 0.6, t = 0.8: r above s) against an exact target, on uniform data of
     the gaussian set's moments: the V-statistic with the paper's Laplace kernel widens the map, the same with an RBF
