@@ -49,7 +49,9 @@ def load(location) -> dict:
         raise ExampleError(f"{path} is not a readable checkpoint (corrupt or truncated?): {error}") from error
     if not isinstance(state, dict) or state.get("format") != FORMAT or any(k not in state for k in KEYS):
         raise ExampleError(f"{path} is not a checkpoint of examples/train.py (format {FORMAT})")
-    state["config"].setdefault("method", "imm")  # written before train.py had --method
+    # Written before train.py had the option: what the run trained with (the defaults for points moved since).
+    for name, value in (("method", "imm"), ("partner", "kernel"), ("r_spacing", "eta")):
+        state["config"].setdefault(name, value)
     return state
 
 

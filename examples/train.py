@@ -61,10 +61,15 @@ TRAINING_OPTIONS = {
     "estimator": (("v", "u", "unpaired"), "v", "MMD estimator: v (biased V-statistic, paper Eq. 67), u (self terms "
                   "without i = j) or unpaired (no term with i = j: unbiased for IMM's paired particles)"),
     "k": (float, 8.0, "r(s, t): eta decrement (eta(T) - eta(eps_t)) / 2^k"),
+    "r_spacing": (imm.R_SPACINGS, None, "r(s, t)'s 2^k steps: equal in eta (the paper's) or in angle, atan(eta) "
+                                      "(imm; default: angle for points, eta for images; see docs/few_step.md)"),
     "bandwidth_scale": (float, 1.0, "the kernel's bandwidth is this / |c_out(s, t)| (the paper's: 1; below 1 a "
                                     "wider kernel, see docs/few_step.md)"),
     "partner_weight": (float, 1.0, "weight of the partners' cross terms k(f_{s,t}(x_t^i), f_{s,r}(x_r^i)) relative "
                                    "to the V-statistic's (the paper's: 1; see docs/gaussian.md)"),
+    "partner": (("kernel", "mean"), None, "the partners' term: kernel (the paper's) or mean (a squared-distance pull "
+                                         "toward the chained target's conditional mean, see docs/few_step.md) "
+                                         "(default: mean for points with --estimator v and groups, else kernel)"),
     "a": (float, 1.0, "time weight exponent a"),
     "b": (float, 5.0, "time weight offset b"),
     "iters": (int, 5000, "training steps; the learning rate decays to 0 over them (cosine)"),
@@ -141,6 +146,9 @@ def complete_config(config: dict, dataset: data.Dataset, device: torch.device, w
     config["width"] = config["width"] or (64 if images else 128)
     config["group_size"] = config["group_size"] or DEFAULT_GROUP_SIZE[config["method"]]
     config["eps_t"] = (0.006 if images else 0.0) if config["eps_t"] is None else config["eps_t"]
+    config["r_spacing"] = config["r_spacing"] or ("eta" if images else "angle")
+    mean_partner_applies = config["estimator"] == "v" and config["group_size"] >= 2
+    config["partner"] = config["partner"] or ("mean" if not images and mean_partner_applies else "kernel")
     config["T"] = config["T"] or DEFAULT_T[config["schedule"]]
     if config["precision"] == "auto":
         config["precision"] = "bf16" if device.type == "cuda" else "fp32"
@@ -150,6 +158,10 @@ def complete_config(config: dict, dataset: data.Dataset, device: torch.device, w
         raise ExampleError("--param euler_fm and --method fm need --schedule fm")
     if not 0 <= config["eps_t"] < config["T"] <= 1:
         raise ExampleError(f"need 0 <= --eps-t < --T <= 1; got {config['eps_t']} and {config['T']}")
+    if config["partner"] == "mean" and not mean_partner_applies:
+        raise ExampleError(f"--partner mean replaces the V-statistic's partners' terms: it needs --estimator v and "
+                           f"--group-size >= 2; got --estimator {config['estimator']}, --group-size "
+                           f"{config['group_size']}")
     per_rank = config["group_size"] * world_size
     if config["group_size"] < 1 or config["batch"] < per_rank or config["batch"] % per_rank:
         raise ExampleError(f"--batch {config['batch']} must be a positive multiple of --group-size "
@@ -176,9 +188,11 @@ def imm_loss(model, online, x, labels, generator: torch.Generator, config: dict,
     stop-gradient pass); online: the same network, DDP-wrapped when distributed (for the pass with gradient)."""
     gen = imm_generator(model, config)
     with autocast(config, device):
-        return gen.loss(x.to(device), labels, group_size=config["group_size"], k=config["k"], kernel=config["kernel"],
+        return gen.loss(x.to(device), labels, group_size=config["group_size"], k=config["k"],
+                        r_spacing=config["r_spacing"], kernel=config["kernel"],
                         estimator=config["estimator"], a=config["a"], b=config["b"],
                         bandwidth_scale=config["bandwidth_scale"], partner_weight=config["partner_weight"],
+                        partner=config["partner"],
                         label_dropout=config["label_dropout"], generator=generator,
                         online=None if online is model else imm_generator(online, config))
 

@@ -26,6 +26,7 @@ from .loss_head import imm_mmd_loss
 
 TIME_EMBEDDINGS = ("s", "stride")
 SAMPLERS = ("pushforward", "restart")
+PARTNERS = ("kernel", "mean")
 GRIDS = ("auto", "uniform", "eta", "edm")
 EDM_RHO = 7  # the edm grid's spacing in eta
 
@@ -143,8 +144,9 @@ class IMMGenerator(torch.nn.Module):
         return imm_output(x_t, g, s, t, schedule=self.schedule, param=self.param, sigma_data=self.sigma_data)
 
     def loss(self, x: Tensor, labels: Tensor | None = None, *, group_size: int = 4, k: float = 12,
-             kernel: str = "laplace", estimator: str = "v", a: float = 1.0, b: float = 5.0,
-             bandwidth_scale: float = 1.0, partner_weight: float = 1.0, label_dropout: float = 0.0,
+             r_spacing: str = "eta", kernel: str = "laplace", estimator: str = "v", a: float = 1.0, b: float = 5.0,
+             bandwidth_scale: float = 1.0, partner_weight: float = 1.0, partner: str = "kernel",
+             label_dropout: float = 0.0,
              target: torch.nn.Module | None = None,
              online=None, generator: torch.Generator | None = None, delta: float | None = None,
              return_parts: bool = False, backend: str = "auto"):
@@ -154,14 +156,20 @@ class IMMGenerator(torch.nn.Module):
 
         x: (B, ...) data scaled to standard deviation sigma_data, B a multiple of group_size. labels: (B,) or None;
         label_dropout: the probability that a group trains unconditionally (its labels set to null_label).
-        k: r(s, t)'s eta decrement (eta(T) - eta(eps_t)) / 2^k; kernel, estimator: as mmd_loss; a, b: the time
+        k: r(s, t)'s eta decrement (eta(T) - eta(eps_t)) / 2^k, or with r_spacing "angle" the same number of equal
+        steps in atan(eta) (imm.r_from_st; docs/few_step.md); kernel, estimator: as mmd_loss; a, b: the time
         weight w(t) of paper Eq. 13. The kernel's bandwidth is bandwidth_scale / |c_out(s, t)| (the paper's: 1);
         a scale below 1 widens the kernel, which changes how the maps behave over several steps on low-dimensional
         data (docs/few_step.md). partner_weight (estimator "v" only): the weight of the partners' cross terms
         k(f_{s,t}(x_t^i), f_{s,r}(x_r^i)), made from one (x, eps), relative to the V-statistic's (1, the paper's):
         partner_weight * V + (1 - partner_weight) (1 - 1/M) * the "unpaired" estimate, every other pair weighed as in
         V. The partners' regression is what narrows the maps; below 1 it weighs less (docs/gaussian.md). Two passes
-        of the loss head where it is not 1. target: the network of the
+        of the loss head where it is not 1. partner (estimator "v" only): "kernel" (the paper's) or "mean": the
+        partners' kernel terms replaced by a squared-distance term, partner_weight (2/M) mean_i |d_i|^2 / (2 c h) with
+        d_i = f_{s,t}(x_t^i) - f_{s,r}(x_r^i), c = mean_i |d_i| (no gradient) and h = D / bandwidth, in groups with
+        r > s only: the Laplace kernel's pull at the typical partner distance, toward the conditional mean of the
+        chained target instead of its median, which keeps multi-step sampling of low-dimensional data from drifting
+        wider with every step (docs/few_step.md). Every other pair is weighed as in V. target: the network of the
         stop-gradient pass (an EMA or frozen copy of the wrapped one's shape), default the wrapped network under
         no_grad. online: what to call for the pass with gradient, default this generator; pass DDP(generator)
         when the generator is wrapped in DistributedDataParallel (keep the DDP module referenced until backward:
@@ -181,9 +189,10 @@ class IMMGenerator(torch.nn.Module):
             raise ValueError(f"label_dropout must be < 1; got {label_dropout}")
         bandwidth_scale = _validate.real("bandwidth_scale", bandwidth_scale, positive=True)
         partner_weight = _validate.real("partner_weight", partner_weight, nonnegative=True)
-        if partner_weight != 1 and (estimator != "v" or group_size < 2):
-            raise ValueError(f"partner_weight={partner_weight} needs estimator='v' and group_size >= 2; got "
-                             f"estimator={estimator!r}, group_size={group_size}")
+        _validate.choice("partner", partner, PARTNERS)
+        if (partner_weight != 1 or partner != "kernel") and (estimator != "v" or group_size < 2):
+            raise ValueError(f"partner_weight={partner_weight}, partner={partner!r} need estimator='v' and "
+                             f"group_size >= 2; got estimator={estimator!r}, group_size={group_size}")
         if labels is not None and (not isinstance(labels, Tensor) or labels.shape != x.shape[:1]):
             raise ValueError(f"labels must be a tensor of shape ({x.shape[0]},) or None")
         groups, device = x.shape[0] // group_size, x.device
@@ -198,7 +207,7 @@ class IMMGenerator(torch.nn.Module):
                 torch.get_autocast_dtype(device.type) == torch.float16):
             delta = 1e-4
         s, r, t = imm.sample_times(groups, schedule=self.schedule, k=k, T=self.T, eps_t=self.eps_t, delta=delta,
-                                   generator=generator, device=draw_on, dtype=torch.float64)
+                                   r_spacing=r_spacing, generator=generator, device=draw_on, dtype=torch.float64)
         noise = (self.sigma_data * torch.randn(x.shape, generator=generator, device=draw_on)).to(device, x.dtype)
         s_rows, r_rows, t_rows = (v.repeat_interleave(group_size).to(device) for v in (s, r, t))
         x_t, x_r = interpolate_pair(x, noise, t_rows, r_rows, schedule=self.schedule, backend=backend)
@@ -217,14 +226,32 @@ class IMMGenerator(torch.nn.Module):
         def head(estimator, weight):
             return imm_mmd_loss(x_t, g_t, x_r, g_r, *times, group_size, estimator=estimator, weight=weight, **options)
 
-        if partner_weight == 1:
+        unpaired_weight = (1 - 1 / group_size) * weight  # V = (1 - 1/M) unpaired + the partners' terms
+        if partner == "mean":
+            partners = self._mean_partner_loss(x_t, g_t, x_r, g_r, times, group_size, bandwidth.to(device), backend)
+            options["reduction"] = "none"
+            loss = head("unpaired", unpaired_weight)
+            loss = loss + (partner_weight * weight * partners).to(loss.dtype)
+            loss = loss if return_parts else loss.mean()
+        elif partner_weight == 1:
             loss = head(estimator, weight)
         else:  # V with the partners' cross terms weighed partner_weight: a mix of V and the unpaired estimate
-            loss = head("v", partner_weight * weight) + head("unpaired", (1 - partner_weight) * (1 - 1 / group_size)
-                                                             * weight)
+            loss = head("v", partner_weight * weight) + head("unpaired", (1 - partner_weight) * unpaired_weight)
         if not return_parts:
             return loss
         return loss.mean(), {"per_group": loss, "s": s, "r": r, "t": t}
+
+    def _mean_partner_loss(self, x_t, g_t, x_r, g_r, times, group_size, bandwidth, backend) -> Tensor:
+        """(G,) float64: (2/M) mean_i |d_i|^2 / (2 c h) of each group with r > s (0 where r = s), .loss's
+        partner="mean"."""
+        s, r, t = (v.repeat_interleave(group_size) for v in times)
+        options = dict(schedule=self.schedule, param=self.param, sigma_data=self.sigma_data, backend=backend)
+        difference = imm_output(x_t, g_t, s, t, **options) - imm_output(x_r, g_r, s, r, **options)
+        distance = difference.flatten(1).to(torch.float64).norm(dim=1).view(-1, group_size)
+        typical = distance.detach().mean(1).clamp_min(torch.finfo(torch.float64).tiny)
+        width = difference[0].numel() / bandwidth.double()  # h = D / bandwidth, the Laplace kernel's length
+        partners = distance.square().mean(1) / (group_size * typical * width)
+        return torch.where(times[1] > times[0], partners, 0)
 
     @torch.no_grad()
     def sample(self, n: int, sample_shape, *, steps: int = 1, sampler: str = "pushforward", grid: str = "auto",

@@ -11,6 +11,7 @@ from . import _validate
 from .schedules import DEFAULT_T, SCHEDULES, alpha, eta, eta_inv, sigma
 
 PARAMS = ("simple_edm", "euler_fm", "identity")
+R_SPACINGS = ("eta", "angle")  # r_from_st: equal steps in eta (the paper's) or in its angle atan(eta)
 
 
 def _pair(s, t) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,23 +59,27 @@ def time_weight(t, *, a: float = 1.0, b: float = 5.0, schedule: str = "fm") -> t
 
 
 def r_from_st(s, t, *, k: float = 12, schedule: str = "fm", T: float | None = None, eps_t: float = 0.0,
-              delta: float | None = None) -> torch.Tensor:
-    """r = max(s, eta^-1(eta_t - (eta(T) - eta(eps_t)) / 2^k)); with delta (fp16 training), r <= t - delta."""
+              delta: float | None = None, r_spacing: str = "eta") -> torch.Tensor:
+    """r = max(s, eta^-1(eta_t - (eta(T) - eta(eps_t)) / 2^k)), the paper's (r_spacing "eta"); with r_spacing
+    "angle" the step is (atan eta(T) - atan eta(eps_t)) / 2^k in atan(eta), the angle of (alpha_t, sigma_t): as
+    many steps, short near the data where eta's are long. With delta (fp16 training), r <= t - delta."""
     _validate.choice("schedule", schedule, SCHEDULES)
+    _validate.choice("r_spacing", r_spacing, R_SPACINGS)
     T = DEFAULT_T[schedule] if T is None else T
     _validate.time_range(T, eps_t)
     s, t = _pair(s, t)
-    eta_min = eta(eps_t, schedule).to(t.dtype)
-    step = (eta(T, schedule).to(t.dtype) - eta_min) / 2.0**k
+    to_step, from_step = (torch.atan, torch.tan) if r_spacing == "angle" else (lambda x: x, lambda x: x)
+    step_min = to_step(eta(eps_t, schedule).to(t.dtype))
+    step = (to_step(eta(T, schedule).to(t.dtype)) - step_min) / 2.0**k
     # A large step (small k) can pass below eta(eps_t), where eta_inv leaves [0, 1] (fm: eta <= -1 gives r > 1).
-    r = eta_inv(torch.clamp(eta(t, schedule) - step, min=eta_min), schedule)
+    r = eta_inv(from_step(torch.clamp(to_step(eta(t, schedule)) - step, min=step_min)), schedule)
     # r <= t - delta (the spec's fp16 form); delta = 0 still catches eta_inv(eta(t)) rounding above t.
     return torch.maximum(s, torch.minimum(r, t - (0.0 if delta is None else delta)))
 
 
 def sample_times(num_groups: int, *, schedule: str = "fm", k: float = 12, T: float | None = None,
-                 eps_t: float = 0.0, delta: float | None = None, generator: torch.Generator | None = None,
-                 device=None, dtype: torch.dtype = torch.float32):
+                 eps_t: float = 0.0, delta: float | None = None, r_spacing: str = "eta",
+                 generator: torch.Generator | None = None, device=None, dtype: torch.dtype = torch.float32):
     """(s, r, t) per group: t ~ U(eps_t, T), s ~ U(eps_t, t), r = r_from_st(s, t)."""
     _validate.positive_int("num_groups", num_groups)
     _validate.choice("schedule", schedule, SCHEDULES)
@@ -84,5 +89,5 @@ def sample_times(num_groups: int, *, schedule: str = "fm", k: float = 12, T: flo
     u = torch.rand(2, num_groups, generator=generator, dtype=torch.float64, device=gen_device)
     t = eps_t + (T - eps_t) * u[0]
     s = eps_t + (t - eps_t) * u[1]
-    r = r_from_st(s, t, k=k, schedule=schedule, T=T, eps_t=eps_t, delta=delta)
+    r = r_from_st(s, t, k=k, schedule=schedule, T=T, eps_t=eps_t, delta=delta, r_spacing=r_spacing)
     return tuple(x.to(device=device, dtype=dtype) for x in (s, r, t))

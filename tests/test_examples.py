@@ -66,6 +66,12 @@ def test_training_writes_its_outputs(trained):
     for name in ("checkpoint.pt", "log.jsonl", "loss.png", "metrics.json", "samples_step4.png"):
         assert (trained / name).is_file(), name
     assert not (trained / "checkpoint.pt.tmp").exists()
+    assert [run_config(trained)[key] for key in ("partner", "r_spacing")] == ["mean", "angle"]  # points' defaults
+
+
+def run_config(out: Path) -> dict:
+    """The completed training options a run logged when it started."""
+    return json.loads((out / "log.jsonl").read_text().splitlines()[0])["config"]
 
 
 def test_training_without_evaluation(tmp_path):
@@ -87,6 +93,20 @@ def test_resume_is_exact(tmp_path):
     assert a["step"] == b["step"] == 6
     for key in ("model", "ema", "optimizer", "rng_states"):
         assert_same_state(a[key], b[key], key)
+
+
+def test_resume_of_a_checkpoint_from_before_the_partner_and_r_spacing_options(tmp_path):
+    """Such a checkpoint trained with the paper's partners' term and r-steps: a resumed run keeps them (the
+    defaults for points are mean and angle now)."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    paper = [*TINY, "--partner", "kernel", "--r-spacing", "eta"]
+    run("train.py", "--out", straight, "--iters", 6, *paper)
+    run("train.py", "--out", resumed, "--iters", 6, "--stop-at", 3, *paper)
+    state = load_checkpoint(resumed)
+    del state["config"]["partner"], state["config"]["r_spacing"]
+    torch.save(state, resumed / "checkpoint.pt")
+    run("train.py", "--out", resumed, "--resume", *TINY)
+    assert_same_state(load_checkpoint(straight)["model"], load_checkpoint(resumed)["model"], "model")
 
 
 DDP_WORKER = """
@@ -155,6 +175,7 @@ def test_class_conditional_images_with_guidance(tmp_path):
     result = run("evaluate.py", "--ckpt", out, "--samples", samples, "--classifier", classifier, "--n", 10,
                  "--sets", 2)
     assert "FD / floor" in result.stdout and "classes of digits" in result.stdout and "n = 10 x 2 sets" in result.stdout
+    assert [run_config(out)[key] for key in ("partner", "r_spacing")] == ["kernel", "eta"]  # the paper's, for images
     row = json.loads((out / "metrics.json").read_text())["rows"]["digits"]
     assert sum(row["classes"]) == 20 and 0 <= row["label acc"] <= 1  # the histogram over both sets
 
@@ -186,6 +207,10 @@ def test_bad_arguments_fail_clearly(trained, tmp_path, capsys):
     for option in (["--param", "euler_fm"], ["--method", "fm"]):
         assert_fails("train", ["--out", new, *option, "--schedule", "cosine"], "need --schedule fm", capsys)
     assert_fails("train", ["--out", new, "--method", "gan"], "invalid choice", capsys)
+    assert_fails("train", ["--out", new, "--estimator", "u", "--partner", "mean"], "--partner mean replaces", capsys)
+    assert_fails("train", ["--out", new, "--group-size", 1, "--batch", 32, "--partner", "mean"],
+                 "--group-size >= 2; got --estimator v, --group-size 1", capsys)
+    assert_fails("train", ["--out", new, "--r-spacing", "t"], "invalid choice", capsys)
     assert_fails("train", ["--out", new, "--eval-every", -2], "--eval-every must be >= -1", capsys)
     assert_fails("train", ["--out", new, "--precision", "bf16", "--device", "cpu"], "is for GPUs", capsys)
     assert_fails("train", ["--out", trained], "already holds a checkpoint", capsys)

@@ -37,14 +37,15 @@ def trained(net) -> list:
 
 
 def hand_composed_loss(net, x, labels, generator, *, group_size, k, a, b, bandwidth_scale, schedule, param,
-                       time_embedding, backend, partner_weight=1.0):
+                       time_embedding, backend, partner_weight=1.0, partner="kernel", r_spacing="eta"):
     """The objective of docs/math.md section 4 from the low-level ops, drawing from the generator in the order the
     wrapper documents (label dropout, times, noise)."""
     groups = x.shape[0] // group_size
     sigma_data = 0.5
     dropped = torch.rand(groups, generator=generator) < 0.25
     labels = torch.where(dropped.repeat_interleave(group_size), net.null_label, labels)
-    s, r, t = imm.sample_times(groups, schedule=schedule, k=k, generator=generator, dtype=torch.float64)
+    s, r, t = imm.sample_times(groups, schedule=schedule, k=k, r_spacing=r_spacing, generator=generator,
+                               dtype=torch.float64)
     noise = sigma_data * torch.randn(x.shape, generator=generator).to(x.dtype)
     s_rows, r_rows, t_rows = (v.repeat_interleave(group_size) for v in (s, r, t))
     x_t, x_r = imm_kernels.interpolate_pair(x, noise, t_rows, r_rows, schedule=schedule, backend=backend)
@@ -61,7 +62,7 @@ def hand_composed_loss(net, x, labels, generator, *, group_size, k, a, b, bandwi
         y_r = f(x_r, s_rows, r_rows)
     bandwidth = bandwidth_scale * imm.kernel_bandwidth(s, t, schedule=schedule, param=param)
     weight = imm.time_weight(t, a=a, b=b, schedule=schedule)
-    if partner_weight == 1:
+    if partner_weight == 1 and partner == "kernel":
         return imm_kernels.mmd_loss(y_t, y_r, group_size, backend=backend, bandwidth=bandwidth, weight=weight)
     # The V-statistic's pair sums with the partners' cross terms (and the constant self diagonals) weighed
     # partner_weight, from distances of their own.
@@ -69,25 +70,38 @@ def hand_composed_loss(net, x, labels, generator, *, group_size, k, a, b, bandwi
     a_, b_ = y_t.reshape(groups, m, -1), y_r.reshape(groups, m, -1)
     kernel = [torch.exp(-bandwidth.view(groups, 1, 1) * torch.cdist(u, v).clamp_min(1e-8) / features)
               for u, v in ((a_, a_), (b_, b_), (a_, b_))]
-    pair = torch.full((m, m), 1.0, dtype=y_t.dtype, device=y_t.device).fill_diagonal_(partner_weight) / m**2
-    per_group = ((kernel[0] + kernel[1] - 2 * kernel[2]) * pair).sum((1, 2))
+    pair = torch.full((m, m), 1.0, dtype=y_t.dtype, device=y_t.device)
+    pair.fill_diagonal_(partner_weight if partner == "kernel" else 0.0)
+    per_group = ((kernel[0] + kernel[1] - 2 * kernel[2]) * pair / m**2).sum((1, 2))
+    if partner == "mean":  # (2/M) mean_i |d_i|^2 / (2 c h), c the mean |d_i| held fixed, h = D / bandwidth; r > s only
+        distance = (a_ - b_).norm(dim=2)
+        typical = distance.mean(1).detach()
+        partners = (2 / m) * (distance.square() / (2 * typical * features / bandwidth).view(groups, 1)).mean(1)
+        per_group = per_group + partner_weight * torch.where(r > s, partners, 0)
     return (weight.to(per_group) * per_group).mean()
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
-@pytest.mark.parametrize("schedule,param,time_embedding,bandwidth_scale,partner_weight", [
-    ("fm", "simple_edm", "s", 1.0, 1.0), ("cosine", "identity", "stride", 1.0, 1.0), ("fm", "euler_fm", "s", 1.0, 1.0),
-    ("fm", "simple_edm", "s", 0.25, 1.0), ("fm", "simple_edm", "s", 1.0, 0.25), ("cosine", "simple_edm", "s", 1.0, 0.0)])
+@pytest.mark.parametrize("schedule,param,time_embedding,bandwidth_scale,partner_weight,partner,r_spacing", [
+    ("fm", "simple_edm", "s", 1.0, 1.0, "kernel", "eta"), ("cosine", "identity", "stride", 1.0, 1.0, "kernel", "eta"),
+    ("fm", "euler_fm", "s", 1.0, 1.0, "kernel", "angle"), ("fm", "simple_edm", "s", 0.25, 1.0, "kernel", "eta"),
+    ("fm", "simple_edm", "s", 1.0, 0.25, "kernel", "eta"), ("cosine", "simple_edm", "s", 1.0, 0.0, "kernel", "eta"),
+    ("fm", "simple_edm", "s", 1.0, 1.0, "mean", "angle"), ("cosine", "simple_edm", "stride", 0.5, 3.0, "mean", "eta")])
 def test_loss_equals_the_hand_composed_objective(device, backend, schedule, param, time_embedding, bandwidth_scale,
-                                                 partner_weight):
+                                                 partner_weight, partner, r_spacing):
     """float64: the loss and every parameter's gradient within 1e-12 of the composition of the low-level ops."""
     net = Net().to(device)
-    x = torch.randn(16, 3, dtype=torch.float64, device=device) * 0.5
-    labels = torch.randint(0, 2, (16,), device=device)
+    x = torch.randn(32, 3, dtype=torch.float64, device=device) * 0.5
+    labels = torch.randint(0, 2, (32,), device=device)
     gen = IMMGenerator(net, schedule=schedule, param=param, time_embedding=time_embedding)
-    options = dict(group_size=4, k=10, a=2.0, b=4.0, bandwidth_scale=bandwidth_scale, partner_weight=partner_weight)
-    loss = gen.loss(x, labels, label_dropout=0.25, generator=torch.Generator().manual_seed(1), backend=backend,
-                    **options)
+    # r(s, t) = s in some of the 8 groups and above s in others (partner="mean" treats them apart): k = 8 takes
+    # eta steps of 0.65, k = 3 angle steps of 0.2 rad
+    options = dict(group_size=4, k=8 if r_spacing == "eta" else 3, a=2.0, b=4.0, bandwidth_scale=bandwidth_scale,
+                   partner_weight=partner_weight,
+                   partner=partner, r_spacing=r_spacing)
+    loss, parts = gen.loss(x, labels, label_dropout=0.25, generator=torch.Generator().manual_seed(1), backend=backend,
+                           return_parts=True, **options)
+    assert bool((parts["r"] == parts["s"]).any() and (parts["r"] > parts["s"]).any())
     grads = torch.autograd.grad(loss, list(net.parameters()))
     want = hand_composed_loss(net, x, labels, torch.Generator().manual_seed(1), schedule=schedule, param=param,
                               time_embedding=time_embedding, backend=backend, **options)
@@ -318,7 +332,12 @@ BAD = [
     ("a negative partner weight", lambda gen, x: gen.loss(x, partner_weight=-0.5), ValueError,
      "partner_weight must be >= 0"),
     ("a partner weight with the u estimator", lambda gen, x: gen.loss(x, estimator="u", partner_weight=0.5),
-     ValueError, "partner_weight=0.5 needs estimator='v'"),
+     ValueError, "partner_weight=0.5, partner='kernel' need estimator='v'"),
+    ("an unknown partners' term", lambda gen, x: gen.loss(x, partner="median"), ValueError,
+     "partner must be one of 'kernel', 'mean'; got 'median'"),
+    ("the mean partners' term with the unpaired estimator",
+     lambda gen, x: gen.loss(x, estimator="unpaired", partner="mean"), ValueError,
+     "partner_weight=1.0, partner='mean' need estimator='v'"),
     ("an unknown sampler", lambda gen, x: gen.sample(4, (3,), sampler="euler"), ValueError, "sampler must be one of"),
     ("a network that is not callable", lambda gen, x: IMMGenerator(3), TypeError, "network must be a callable"),
 ]

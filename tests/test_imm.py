@@ -70,13 +70,34 @@ def test_r_from_st(schedule):
 
 
 @pytest.mark.parametrize("schedule", ["fm", "cosine"])
+def test_r_from_st_angle_spacing(schedule):
+    """r_spacing="angle": equal steps in atan(eta) between eps_t and T, clamped at eps_t and at s."""
+    eps_t, k, T_max = 0.006, 6, schedules.DEFAULT_T[schedule]
+    t = torch.tensor([0.01, 0.2, 0.5, 0.9, 0.994], dtype=torch.float64)
+    s = torch.tensor([0.0, 0.006, 0.1, 0.89, 0.3], dtype=torch.float64)
+    r = imm.r_from_st(s, t, k=k, schedule=schedule, eps_t=eps_t, r_spacing="angle")
+    angle_min = math.atan(schedules.eta(eps_t, schedule))
+    step = (math.atan(schedules.eta(T_max, schedule)) - angle_min) / 2**k
+    angle_r = (torch.atan(schedules.eta(t, schedule)) - step).clamp(min=angle_min)
+    expected = torch.maximum(s, schedules.eta_inv(torch.tan(angle_r), schedule))
+    assert torch.allclose(r, expected, rtol=1e-12, atol=0)
+    assert math.isclose(r[0], eps_t, rel_tol=1e-12) and r[3] == s[3]  # the clamps at eps_t and at s
+    assert (s[1:3] < r[1:3]).all()
+    if schedule == "cosine":  # atan(tan(pi t / 2)) = pi t / 2: equal steps in t
+        assert torch.allclose(t[4] - r[4], torch.tensor((T_max - eps_t) / 2**k, dtype=torch.float64))
+    eta_step = imm.r_from_st(s, t, k=k, schedule=schedule, eps_t=eps_t)
+    assert (r[1:3] != eta_step[1:3]).all()  # the two spacings differ
+
+
+@pytest.mark.parametrize("r_spacing", imm.R_SPACINGS)
+@pytest.mark.parametrize("schedule", ["fm", "cosine"])
 @pytest.mark.parametrize("k", [0, 1, 3, 7, 12])
-def test_r_stays_between_s_and_t_for_any_k(schedule, k):
+def test_r_stays_between_s_and_t_for_any_k(schedule, k, r_spacing):
     """Small k makes the eta step larger than eta(t): r must still land in [s, t], never outside [0, 1]."""
     eps_t = 0.006 if schedule == "fm" else 0.0
     t = torch.linspace(eps_t, schedules.DEFAULT_T[schedule], 50, dtype=torch.float64)
     s = eps_t + (t - eps_t) * 0.3
-    r = imm.r_from_st(s, t, k=k, schedule=schedule, eps_t=eps_t)
+    r = imm.r_from_st(s, t, k=k, schedule=schedule, eps_t=eps_t, r_spacing=r_spacing)
     assert (s <= r).all() and (r <= t).all()
 
 
@@ -96,6 +117,7 @@ def test_sample_times():
     (lambda: imm.sample_times(4, T=0.5, eps_t=0.6), ValueError, "0 <= eps_t < T <= 1"),
     (lambda: imm.kernel_bandwidth(0.1, 0.5, param="euler_fm", schedule="cosine"), ValueError, "euler_fm"),
     (lambda: imm.r_from_st(0.1, 0.5, T=2.0), ValueError, "0 <= eps_t < T <= 1"),
+    (lambda: imm.sample_times(4, r_spacing="t"), ValueError, "r_spacing must be one of 'eta', 'angle'; got 't'"),
 ])
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
