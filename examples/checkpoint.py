@@ -50,7 +50,7 @@ def load(location) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT or any(k not in state for k in KEYS):
         raise ExampleError(f"{path} is not a checkpoint of examples/train.py (format {FORMAT})")
     # Written before train.py had the option: what the run trained with (the defaults for points moved since).
-    for name, value in (("method", "imm"), ("partner", "kernel"), ("r_spacing", "eta")):
+    for name, value in (("method", "imm"), ("partner", "kernel"), ("r_spacing", "eta"), ("time_frequency", 1.0)):
         state["config"].setdefault(name, value)
     return state
 
@@ -60,6 +60,8 @@ def build_model(state: dict, weights: str = "ema") -> torch.nn.Module:
     import models
 
     info = state["data_info"]
-    model = models.build(info["kind"], tuple(info["sample_shape"]), info["num_classes"], state["config"]["width"])
+    config = state["config"]
+    model = models.build(info["kind"], tuple(info["sample_shape"]), info["num_classes"], config["width"],
+                         config["time_frequency"])
     model.load_state_dict(state[weights])
     return model.eval()

@@ -12,12 +12,14 @@ from torch.nn import functional as F
 
 
 class FourierEmbedding(nn.Module):
-    """Sinusoidal features of c_noise = 1000 t at geometric frequencies (as in DDPM), then an MLP."""
+    """Sinusoidal features of c_noise = 1000 t at geometric frequencies from max_frequency down by 10^4 (DDPM's
+    max_frequency: 1), then an MLP. DDPM's top features turn every 0.006 in t, which lets a small network's maps
+    wiggle between nearby times (docs/few_step.md, "The network's time features")."""
 
-    def __init__(self, dim: int, features: int = 64):
+    def __init__(self, dim: int, features: int = 64, max_frequency: float = 1.0):
         super().__init__()
         half = features // 2
-        self.register_buffer("frequencies", torch.exp(-math.log(10_000) * torch.arange(half) / half),
+        self.register_buffer("frequencies", max_frequency * torch.exp(-math.log(10_000) * torch.arange(half) / half),
                              persistent=False)
         self.mlp = nn.Sequential(nn.Linear(features, dim), nn.SiLU(), nn.Linear(dim, dim))
 
@@ -29,9 +31,9 @@ class FourierEmbedding(nn.Module):
 class Conditioning(nn.Module):
     """One vector per sample from the two times and the label."""
 
-    def __init__(self, dim: int, num_classes: int):
+    def __init__(self, dim: int, num_classes: int, time_frequency: float):
         super().__init__()
-        self.embed_t, self.embed_second = FourierEmbedding(dim), FourierEmbedding(dim)
+        self.embed_t, self.embed_second = (FourierEmbedding(dim, max_frequency=time_frequency) for _ in range(2))
         self.embed_label = nn.Embedding(num_classes + 1, dim) if num_classes else None
         self.null_label = num_classes
 
@@ -57,10 +59,10 @@ class ResidualMLPBlock(nn.Module):
 
 
 class PointMLP(nn.Module):
-    def __init__(self, dim: int, num_classes: int = 0, width: int = 256, depth: int = 3):
+    def __init__(self, dim: int, num_classes: int = 0, width: int = 256, depth: int = 3, time_frequency: float = 1.0):
         super().__init__()
         self.null_label = num_classes
-        self.cond = Conditioning(width, num_classes)
+        self.cond = Conditioning(width, num_classes, time_frequency)
         self.inp = nn.Linear(dim, width)
         self.blocks = nn.ModuleList(ResidualMLPBlock(width) for _ in range(depth))
         self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, dim))
@@ -92,11 +94,11 @@ class ResBlock(nn.Module):
 class UNet(nn.Module):
     """Two resolutions (H and H/2; H must be even), two residual blocks each, skip connections."""
 
-    def __init__(self, channels: int, num_classes: int = 0, width: int = 64):
+    def __init__(self, channels: int, num_classes: int = 0, width: int = 64, time_frequency: float = 1.0):
         super().__init__()
         self.null_label = num_classes
         cond_dim = 4 * width
-        self.cond = Conditioning(cond_dim, num_classes)
+        self.cond = Conditioning(cond_dim, num_classes, time_frequency)
         self.inp = nn.Conv2d(channels, width, 3, padding=1)
         self.down1 = ResBlock(width, width, cond_dim)
         self.downsample = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
@@ -116,8 +118,9 @@ class UNet(nn.Module):
         return self.out(self.up1(torch.cat([h, h1], 1), cond))
 
 
-def build(kind: str, sample_shape: tuple[int, ...], num_classes: int, width: int) -> nn.Module:
-    """The network for a data set's kind ("points" or "images") and sample shape."""
-    if kind == "points":
-        return PointMLP(sample_shape[0], num_classes, width)
-    return UNet(sample_shape[0], num_classes, width)
+def build(kind: str, sample_shape: tuple[int, ...], num_classes: int, width: int,
+          time_frequency: float = 1.0) -> nn.Module:
+    """The network for a data set's kind ("points" or "images") and sample shape; time_frequency: the time
+    features' highest frequency (FourierEmbedding's max_frequency)."""
+    network = PointMLP if kind == "points" else UNet
+    return network(sample_shape[0], num_classes, width, time_frequency=time_frequency)

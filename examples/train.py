@@ -80,6 +80,9 @@ TRAINING_OPTIONS = {
     "grad_clip": (float, 1.0, "clip the gradient norm to this (0: no clipping)"),
     "label_dropout": (float, 0.1, "probability of training a group unconditionally (labelled data)"),
     "width": (int, None, "network width (default: 128 for points, 64 for images)"),
+    "time_frequency": (float, 1.0, "highest frequency of the network's Fourier time features, per unit of c_noise = "
+                                   "1000 t (DDPM's: 1; lower keeps the maps of a small network from wiggling between "
+                                   "nearby times, see docs/few_step.md)"),
     "eps_t": (float, None, "smallest time (default: 0 for points, 0.006 for images)"),
     "T": (float, None, "largest time (default: 0.994 fm, 0.996 cosine)"),
     "precision": (("auto", "fp32", "bf16", "fp16"), "auto", "network precision (autocast; auto: bf16 on GPU)"),
@@ -166,7 +169,7 @@ def complete_config(config: dict, dataset: data.Dataset, device: torch.device, w
     if config["group_size"] < 1 or config["batch"] < per_rank or config["batch"] % per_rank:
         raise ExampleError(f"--batch {config['batch']} must be a positive multiple of --group-size "
                            f"{config['group_size']} x {world_size} rank(s)")
-    for name in ("lr", "ema_decay"):
+    for name in ("lr", "ema_decay", "time_frequency"):
         if not 0 < config[name] < (1 if name == "ema_decay" else float("inf")):
             raise ExampleError(f"--{name.replace('_', '-')} out of range: {config[name]}")
     if not 0 <= config["label_dropout"] < 1 or config["grad_clip"] < 0 or config["warmup"] < 0 or config["iters"] < 1:
@@ -278,7 +281,8 @@ def main(argv=None) -> torch.nn.Module:
             "shift": dataset.shift, "scale": dataset.scale}
 
     torch.manual_seed(config["seed"])  # the same initial weights on every rank
-    model = models.build(dataset.kind, dataset.sample_shape, dataset.num_classes, config["width"]).to(device)
+    model = models.build(dataset.kind, dataset.sample_shape, dataset.num_classes, config["width"],
+                         config["time_frequency"]).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     scaler = torch.amp.GradScaler(device.type, enabled=config["precision"] == "fp16")

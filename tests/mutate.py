@@ -49,6 +49,7 @@ GENERATOR = ("tests/test_generator.py", "-k", "not ddp")
 LOSS_HEAD_CPU = ("tests/test_loss_head.py", "-k", "cpu-cpu or bad_input")
 LOSS_HEAD_TRITON = ("tests/test_loss_head.py", "-k", "cpu-triton")
 REFERENCE = ("tests/test_reference.py",)
+EXAMPLES_CHECKPOINT = ("tests/test_examples.py", "-k", "time_features")
 CUDA_MMD = ("tests/test_mmd.py", "-k", "cuda-cuda")
 CUDA_COMBINE = ("tests/test_interpolant.py", "-k", "cuda-cuda")
 
@@ -314,6 +315,13 @@ MUTANTS = [
            GENERATOR, "partner='mean': the typical distance c differentiated"),
     Mutant("imm_kernels/generator.py", "r_spacing=r_spacing, generator=generator,", "generator=generator,",
            GENERATOR, "loss: r_spacing not passed on (r always equal steps in eta)"),
+    # The examples' network: its time features.
+    Mutant("examples/checkpoint.py", 'config["width"],\n                         config["time_frequency"])',
+           'config["width"])', EXAMPLES_CHECKPOINT, "a checkpoint's network rebuilt with DDPM's time features"),
+    Mutant("examples/checkpoint.py", '("r_spacing", "eta"), ("time_frequency", 1.0)):', '("r_spacing", "eta")):',
+           EXAMPLES_CHECKPOINT, "a checkpoint from before --time-frequency: no time features to rebuild with"),
+    Mutant("examples/train.py", 'config["width"],\n                         config["time_frequency"]).to(device)',
+           'config["width"]).to(device)', EXAMPLES_CHECKPOINT, "--time-frequency not passed to the trained network"),
 ]
 
 # Mutants of the CUDA kernels, listed for a machine with a GPU (they need one to build and run).

@@ -69,6 +69,28 @@ def test_training_writes_its_outputs(trained):
     assert [run_config(trained)[key] for key in ("partner", "r_spacing")] == ["mean", "angle"]  # points' defaults
 
 
+def test_the_networks_time_features_follow_the_run(tmp_path):
+    """--time-frequency F: the trained network's and the checkpoint's rebuilt one's time features run from F down
+    by 10^4; a checkpoint from before the option rebuilds with DDPM's (F = 1)."""
+    import checkpoint
+    import train
+
+    def top_and_bottom(network):
+        frequencies = network.cond.embed_t.frequencies
+        return frequencies.max().item(), frequencies.min().item()
+
+    out = tmp_path / "run"
+    trained = train.main(["--out", str(out), "--iters", "1", *map(str, TINY), "--eval-every", "-1",
+                          "--time-frequency", "0.25"])
+    expected = pytest.approx((0.25, 0.25 * 10_000 ** (-31 / 32)), rel=1e-6)
+    assert top_and_bottom(trained) == expected
+    assert top_and_bottom(checkpoint.build_model(checkpoint.load(out))) == expected
+    state = load_checkpoint(out)
+    del state["config"]["time_frequency"]
+    torch.save(state, out / "checkpoint.pt")
+    assert top_and_bottom(checkpoint.build_model(checkpoint.load(out)))[0] == pytest.approx(1.0, rel=1e-6)
+
+
 def run_config(out: Path) -> dict:
     """The completed training options a run logged when it started."""
     return json.loads((out / "log.jsonl").read_text().splitlines()[0])["config"]
@@ -211,6 +233,7 @@ def test_bad_arguments_fail_clearly(trained, tmp_path, capsys):
     assert_fails("train", ["--out", new, "--group-size", 1, "--batch", 32, "--partner", "mean"],
                  "--group-size >= 2; got --estimator v, --group-size 1", capsys)
     assert_fails("train", ["--out", new, "--r-spacing", "t"], "invalid choice", capsys)
+    assert_fails("train", ["--out", new, "--time-frequency", 0], "--time-frequency out of range: 0.0", capsys)
     assert_fails("train", ["--out", new, "--eval-every", -2], "--eval-every must be >= -1", capsys)
     assert_fails("train", ["--out", new, "--precision", "bf16", "--device", "cpu"], "is for GPUs", capsys)
     assert_fails("train", ["--out", trained], "already holds a checkpoint", capsys)
