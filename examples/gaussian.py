@@ -40,6 +40,7 @@ import checkpoint
 import data
 from common import SIGMA_DATA, cli, imm_generator
 from imm_kernels import imm, schedules
+from imm_kernels.generator import time_grid
 from sample import generate
 
 EXAMPLES = Path(__file__).resolve().parent
@@ -50,6 +51,7 @@ MAP_S = [0.0, 0.2, 0.4, 0.6, 0.8]
 # sampler: 200,000, drawn afresh per training seed, put it under 0.2% (a mean over 3 seeds: 0.1%). One draw of
 # 20,000 for every seed read 0.7% wide on its own.
 SAMPLES = 200_000
+SAMPLER_STEPS = [4, 8]  # the pushforward sampler's maps (edm grid) fitted one by one on their exact inputs
 
 
 def _derivative(t: torch.Tensor, schedule: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,9 +128,24 @@ def true_parameters(dataset: data.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     return (mean - shift) / scale, std / scale
 
 
+def fit_map(gen, x_t: torch.Tensor, s: float, t: float, mean: torch.Tensor, std: torch.Tensor, schedule: str) -> dict:
+    """The trained map f_{s,t} fitted as y = A x + c per coordinate on the points x_t: A over the exact slope
+    std_s / std_t ("scale", 1 is exact) and c's error over std_s ("offset")."""
+    n = x_t.shape[0]
+    y = gen(x_t, torch.full((n,), s, dtype=torch.float64), torch.full((n,), t, dtype=torch.float64))
+    centred = x_t - x_t.mean(0)
+    slope = (centred * (y - y.mean(0))).sum(0) / centred.square().sum(0)
+    offset = y.mean(0) - slope * x_t.mean(0)
+    exact_slope = marginal_std(s, std, schedule) / marginal_std(t, std, schedule)
+    exact_offset = schedules.alpha(s, schedule) * mean - exact_slope * schedules.alpha(t, schedule) * mean
+    return {"scale": (slope / exact_slope).tolist(),
+            "offset": ((offset - exact_offset) / marginal_std(s, std, schedule)).tolist()}
+
+
 @torch.no_grad()
 def measure(folder: Path, samples: int = SAMPLES) -> dict:
-    """Each trained map's fitted scale and offset against the exact ones, and the samples' statistics."""
+    """Each trained map's fitted scale and offset against the exact ones (on the (s, t) grid, and the maps the
+    pushforward sampler applies at SAMPLER_STEPS, each on its own exact input), and the samples' statistics."""
     torch.set_num_threads(1)
     state = checkpoint.load(folder)
     config = state["config"]
@@ -138,19 +155,21 @@ def measure(folder: Path, samples: int = SAMPLES) -> dict:
     model = checkpoint.build_model(state)
     gen = imm_generator(model, config)
     generator = torch.Generator().manual_seed(1)
+
+    def exact_marginal(t: float) -> torch.Tensor:
+        return schedules.alpha(t, schedule) * mean + marginal_std(t, std, schedule) * torch.randn(
+            samples, 2, generator=generator, dtype=torch.float64)
+
     maps = {}
     for t in MAP_T:
-        x_t = schedules.alpha(t, schedule) * mean + marginal_std(t, std, schedule) * torch.randn(
-            samples, 2, generator=generator, dtype=torch.float64)
+        x_t = exact_marginal(t)
         for s in (s for s in MAP_S if s < t):
-            y = gen(x_t, torch.full((samples,), s, dtype=torch.float64), torch.full((samples,), t, dtype=torch.float64))
-            centred = x_t - x_t.mean(0)
-            slope = (centred * (y - y.mean(0))).sum(0) / centred.square().sum(0)
-            offset = y.mean(0) - slope * x_t.mean(0)
-            exact_slope = marginal_std(s, std, schedule) / marginal_std(t, std, schedule)
-            exact_offset = schedules.alpha(s, schedule) * mean - exact_slope * schedules.alpha(t, schedule) * mean
-            maps[f"{s:g},{t:g}"] = {"scale": (slope / exact_slope).tolist(),
-                                    "offset": ((offset - exact_offset) / marginal_std(s, std, schedule)).tolist()}
+            maps[f"{s:g},{t:g}"] = fit_map(gen, x_t, s, t, mean, std, schedule)
+    sampler_maps = {}
+    for steps in SAMPLER_STEPS:
+        times = time_grid(steps, schedule=schedule, T=config["T"], eps_t=config["eps_t"]).tolist()
+        sampler_maps[str(steps)] = [{"t": t, "s": s, **fit_map(gen, exact_marginal(t), s, t, mean, std, schedule)}
+                                    for t, s in zip(times[:-1], times[1:])]
     sampled = {}
     for sampler in ("pushforward", "restart"):
         for steps in STEPS if sampler == "pushforward" else STEPS[1:]:
@@ -159,7 +178,7 @@ def measure(folder: Path, samples: int = SAMPLES) -> dict:
             sampled[f"{sampler} {steps}"] = {"std": (x.std(0) / std).tolist(),
                                               "mean": ((x.mean(0) - mean) / std).tolist()}
     return {"config": {k: config[k] for k in ("estimator", "group_size", "k", "seed", "iters")}, "maps": maps,
-            "samples": sampled}
+            "sampler_maps": sampler_maps, "samples": sampled}
 
 
 ESTIMATORS = ("v", "u", "unpaired")
@@ -293,7 +312,7 @@ def _mean_over_seeds(results: dict, estimator: str, part: str, key: str, field: 
 
 def format_tables(results: dict) -> str:
     """Markdown, means over the seeds per estimator: the samples' std over the data's per coordinate, then each
-    map's fitted scale over the exact one."""
+    map's fitted scale over the exact one, on the (s, t) grid and along the pushforward sampler's grids."""
     estimators = sorted({name.split("-")[0] for name in results}, reverse=True)
     first = next(iter(results.values()))
     columns = list(first["samples"])
@@ -312,6 +331,15 @@ def format_tables(results: dict) -> str:
             row = [", ".join(f"{v:.3f}" for v in _mean_over_seeds(results, estimator, "maps", f"{s:g},{t:g}", "scale"))
                    if f"{s:g},{t:g}" in first["maps"] else "-" for s in MAP_S]
             lines.append(f"| {t:g} | " + " | ".join(row) + " |")
+        runs = [result for name, result in results.items() if name.startswith(f"{estimator}-seed")]
+        for steps in SAMPLER_STEPS:
+            lines += ["", f"{estimator.upper()}: the maps the {steps}-step pushforward applies, each on its own exact "
+                          f"input: fitted scale over the exact one, per coordinate, mean over {seeds} seed(s)", "",
+                      "| t -> s | scale |", "|---|---|"]
+            for index, step in enumerate(first["sampler_maps"][str(steps)]):
+                scale = [sum(run["sampler_maps"][str(steps)][index]["scale"][axis] for run in runs) / len(runs)
+                         for axis in range(2)]
+                lines.append(f"| {step['t']:.3g} -> {step['s']:.3g} | {scale[0]:.3f}, {scale[1]:.3f} |")
     return "\n".join(lines)
 
 

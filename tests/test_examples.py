@@ -454,6 +454,27 @@ def test_gaussian_exact_maps_match_a_numerical_ode_solve(schedule):
                               gaussian.marginal_std(s, std, schedule).expand(64, 2))
 
 
+def test_gaussian_fit_map_reads_exact_and_widened_maps():
+    """fit_map: the exact map scores scale 1 and offset 0, a map 1% wide about the s-marginal's mean scale 1.01, and
+    one shifted by 0.02 std_s offset 0.02, per coordinate."""
+    import gaussian
+
+    mean, std = torch.tensor([0.3, -0.2], dtype=torch.float64), torch.tensor([0.6, 0.25], dtype=torch.float64)
+    s, t = 0.147, 0.564
+    x_t = gaussian.schedules.alpha(t, "fm") * mean + gaussian.marginal_std(t, std, "fm") * torch.randn(
+        1000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    centre, std_s = gaussian.schedules.alpha(s, "fm") * mean, gaussian.marginal_std(s, std, "fm")
+
+    def trained(widen, shift):
+        return lambda x, s_, t_: centre + widen * (gaussian.exact_map(x, s, t, mean, std, "fm") - centre) + shift * std_s
+
+    for widen, shift in ((1.0, 0.0), (1.01, 0.0), (1.0, 0.02)):
+        fitted = gaussian.fit_map(trained(widen, shift), x_t, s, t, mean, std, "fm")
+        assert fitted["scale"] == pytest.approx([widen] * 2, abs=1e-12)
+        if widen == 1:  # widening about the marginal's mean moves the intercept at x = 0
+            assert fitted["offset"] == pytest.approx([shift] * 2, abs=1e-12)
+
+
 @pytest.mark.parametrize("schedule", ["fm", "cosine"])
 def test_uniform_exact_maps_match_a_numerical_ode_solve(schedule):
     """examples/gaussian.py's f*_{s,t} for uniform data (the increasing map between the marginals) against RK4 on
@@ -536,6 +557,11 @@ def test_gaussian_study_smoke(tmp_path):
     assert set(results["v-seed0"]["samples"]) == {"pushforward 1", "pushforward 2", "pushforward 4", "pushforward 8",
                                                   "restart 2", "restart 4", "restart 8"}
     assert "fitted scale over the exact" in result.stdout
+    for steps in (4, 8):  # the sampler's maps: consecutive, from T to the data
+        chain = results["v-seed0"]["sampler_maps"][str(steps)]
+        assert len(chain) == steps and chain[0]["t"] == pytest.approx(0.994) and chain[-1]["s"] == 0
+        assert all(a["s"] == b["t"] for a, b in zip(chain, chain[1:]))
+    assert "the maps the 8-step pushforward applies" in result.stdout
 
 
 def test_map_error_scores_exact_and_widened_maps(tmp_path, monkeypatch):
