@@ -305,9 +305,10 @@ def train_and_measure(folder: Path, options: list[str], samples: int) -> dict:
     return measure(folder, samples)
 
 
-def _mean_over_seeds(results: dict, estimator: str, part: str, key: str, field: str) -> list[float]:
+def _mean_over_seeds(results: dict, estimator: str, pick) -> str:
+    """The per-coordinate pair pick(run) averaged over the estimator's seeds, as the tables print it."""
     runs = [result for name, result in results.items() if name.startswith(f"{estimator}-seed")]
-    return [sum(run[part][key][field][axis] for run in runs) / len(runs) for axis in range(2)]
+    return ", ".join(f"{sum(pick(run)[axis] for run in runs) / len(runs):.3f}" for axis in range(2))
 
 
 def format_tables(results: dict) -> str:
@@ -320,26 +321,24 @@ def format_tables(results: dict) -> str:
     lines = [f"Samples' std over the data's, per coordinate (1 is exact), mean over {seeds} seed(s):", "",
              "| estimator | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for estimator in estimators:
-        cells = [", ".join(f"{v:.3f}" for v in _mean_over_seeds(results, estimator, "samples", c, "std"))
-                 for c in columns]
+        cells = [_mean_over_seeds(results, estimator, lambda run: run["samples"][c]["std"]) for c in columns]
         lines.append(f"| {estimator.upper()} | " + " | ".join(cells) + " |")
     for estimator in estimators:
         lines += ["", f"{estimator.upper()}: each trained map's fitted scale over the exact std_s / std_t, per "
                       f"coordinate, mean over {seeds} seed(s) (rows: t, columns: s)", "",
                   "| t \\ s | " + " | ".join(f"{s:g}" for s in MAP_S) + " |", "|---|" + "---|" * len(MAP_S)]
         for t in MAP_T:
-            row = [", ".join(f"{v:.3f}" for v in _mean_over_seeds(results, estimator, "maps", f"{s:g},{t:g}", "scale"))
+            row = [_mean_over_seeds(results, estimator, lambda run: run["maps"][f"{s:g},{t:g}"]["scale"])
                    if f"{s:g},{t:g}" in first["maps"] else "-" for s in MAP_S]
             lines.append(f"| {t:g} | " + " | ".join(row) + " |")
-        runs = [result for name, result in results.items() if name.startswith(f"{estimator}-seed")]
         for steps in SAMPLER_STEPS:
             lines += ["", f"{estimator.upper()}: the maps the {steps}-step pushforward applies, each on its own exact "
                           f"input: fitted scale over the exact one, per coordinate, mean over {seeds} seed(s)", "",
                       "| t -> s | scale |", "|---|---|"]
-            for index, step in enumerate(first["sampler_maps"][str(steps)]):
-                scale = [sum(run["sampler_maps"][str(steps)][index]["scale"][axis] for run in runs) / len(runs)
-                         for axis in range(2)]
-                lines.append(f"| {step['t']:.3g} -> {step['s']:.3g} | {scale[0]:.3f}, {scale[1]:.3f} |")
+            chain = str(steps)
+            for index, step in enumerate(first["sampler_maps"][chain]):
+                scale = _mean_over_seeds(results, estimator, lambda run: run["sampler_maps"][chain][index]["scale"])
+                lines.append(f"| {step['t']:.3g} -> {step['s']:.3g} | {scale} |")
     return "\n".join(lines)
 
 
