@@ -17,7 +17,8 @@ the exact std_s / std_t, the offset error over std_s, and the samples' std over 
     python examples/gaussian.py --fixed-point # each estimator's one-step fixed point (no training, ~1.5 min)
     python examples/gaussian.py --fixed-point-support  # V and unpaired on Gaussian and uniform data, Laplace and RBF
 
-A run whose folder already holds a finished checkpoint of the same options is measured, not trained again.
+A run whose folder already holds a finished run trained with the settings its options give today is measured, not
+trained again (one from before a default moved is trained again).
 Results: OUT/results.json and the tables on stdout.
 """
 
@@ -286,18 +287,28 @@ def support_table(k: float = 8, group_size: int = 64) -> str:
     return "\n".join(lines)
 
 
+def trained_as_now(folder: Path, arguments: list[str]) -> bool:
+    """Whether folder holds a finished run (options.json written) whose settings are those train.py gives
+    `arguments` today: a run from before a default moved is trained again, not measured as the new default."""
+    if not (folder / "options.json").exists() or not (folder / "checkpoint.pt").exists():
+        return False
+    import train
+    wanted = train.complete_config(train.training_config(train.parse_args(arguments), None),
+                                   data.load("gaussian"), torch.device("cpu"), world_size=1)
+    return checkpoint.load(folder)["config"] == wanted
+
+
 def train(folder: Path, options: list[str]) -> None:
-    """train.py on the gaussian data set, one thread, unless folder already holds a finished run of options."""
-    done = folder / "options.json"
-    if done.exists() and json.loads(done.read_text()) == options and (folder / "checkpoint.pt").exists():
+    """train.py on the gaussian data set, one thread, unless folder already holds a finished run trained so."""
+    arguments = ["--data", "gaussian", "--out", str(folder), "--eval-every", "-1", *options]
+    if trained_as_now(folder, arguments):
         return
-    command = [sys.executable, str(EXAMPLES / "train.py"), "--data", "gaussian", "--out", str(folder),
-               "--eval-every", "-1", *options]
+    command = [sys.executable, str(EXAMPLES / "train.py"), *arguments]
     shutil.rmtree(folder, ignore_errors=True)
     finished = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
     if finished.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{finished.stderr[-3000:]}")
-    done.write_text(json.dumps(options))
+    (folder / "options.json").write_text(json.dumps(options))  # the run finished
 
 
 def train_and_measure(folder: Path, options: list[str], samples: int) -> dict:

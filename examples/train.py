@@ -55,7 +55,9 @@ TRAINING_OPTIONS = {
     "group_size": (int, None, "M, particles per group sharing (s, r, t) (default: 64 for imm, the paper's 4 shrinks "
                               "2-D data, see docs/training.md; 1 for the baselines, which have no groups)"),
     "schedule": (SCHEDULES, "fm", "noise schedule"),
-    "param": (imm.PARAMS, "simple_edm", "parameterisation of f_{s,t} (euler_fm needs --schedule fm)"),
+    "param": (imm.PARAMS, None, "parameterisation of f_{s,t} (default: euler_fm for imm on points with --schedule fm, "
+                                "whose few-step samples keep their width, see docs/few_step.md; else simple_edm, the "
+                                "paper's; euler_fm needs --schedule fm)"),
     "time_embedding": (("s", "stride"), "s", "second time input of the network: s, or t - s (stride)"),
     "kernel": (("laplace", "rbf", "energy"), "laplace", "MMD kernel (the paper's: laplace)"),
     "estimator": (("v", "u", "unpaired"), "v", "MMD estimator: v (biased V-statistic, paper Eq. 67), u (self terms "
@@ -153,6 +155,8 @@ def complete_config(config: dict, dataset: data.Dataset, device: torch.device, w
     mean_partner_applies = config["estimator"] == "v" and config["group_size"] >= 2
     config["partner"] = config["partner"] or ("mean" if not images and mean_partner_applies else "kernel")
     config["T"] = config["T"] or DEFAULT_T[config["schedule"]]
+    points_on_fm = not images and config["method"] == "imm" and config["schedule"] == "fm"
+    config["param"] = config["param"] or ("euler_fm" if points_on_fm else "simple_edm")
     if config["precision"] == "auto":
         config["precision"] = "bf16" if device.type == "cuda" else "fp32"
     if config["precision"] != "fp32" and device.type != "cuda":

@@ -50,6 +50,8 @@ LOSS_HEAD_CPU = ("tests/test_loss_head.py", "-k", "cpu-cpu or bad_input")
 LOSS_HEAD_TRITON = ("tests/test_loss_head.py", "-k", "cpu-triton")
 REFERENCE = ("tests/test_reference.py",)
 EXAMPLES_CHECKPOINT = ("tests/test_examples.py", "-k", "time_features")
+EXAMPLES_DEFAULTS = ("tests/test_examples.py", "-k", "parameterisation_defaults")
+GAUSSIAN_STUDY = ("tests/test_examples.py", "-k", "gaussian_study_smoke")
 CUDA_MMD = ("tests/test_mmd.py", "-k", "cuda-cuda")
 CUDA_COMBINE = ("tests/test_interpolant.py", "-k", "cuda-cuda")
 
@@ -322,6 +324,13 @@ MUTANTS = [
            EXAMPLES_CHECKPOINT, "a checkpoint from before --time-frequency: no time features to rebuild with"),
     Mutant("examples/train.py", 'config["width"],\n                         config["time_frequency"]).to(device)',
            'config["width"]).to(device)', EXAMPLES_CHECKPOINT, "--time-frequency not passed to the trained network"),
+    Mutant("examples/train.py", '("euler_fm" if points_on_fm else "simple_edm")', '"simple_edm"', EXAMPLES_DEFAULTS,
+           "points train the paper's simple_edm maps again"),
+    Mutant("examples/train.py", 'not images and config["method"] == "imm" and config["schedule"] == "fm"',
+           'config["method"] == "imm" and config["schedule"] == "fm"', EXAMPLES_DEFAULTS,
+           "images default to euler_fm too"),
+    Mutant("examples/gaussian.py", 'return checkpoint.load(folder)["config"] == wanted', "return True", GAUSSIAN_STUDY,
+           "the Gaussian study measures a finished run of older defaults as if it were today's"),
 ]
 
 # Mutants of the CUDA kernels, listed for a machine with a GPU (they need one to build and run).

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -66,7 +67,7 @@ def test_training_writes_its_outputs(trained):
     for name in ("checkpoint.pt", "log.jsonl", "loss.png", "metrics.json", "samples_step4.png"):
         assert (trained / name).is_file(), name
     assert not (trained / "checkpoint.pt.tmp").exists()
-    assert [run_config(trained)[key] for key in ("partner", "r_spacing")] == ["mean", "angle"]  # points' defaults
+    assert [run_config(trained)[key] for key in ("partner", "r_spacing", "param")] == ["mean", "angle", "euler_fm"]
 
 
 def test_the_networks_time_features_follow_the_run(tmp_path):
@@ -89,6 +90,20 @@ def test_the_networks_time_features_follow_the_run(tmp_path):
     del state["config"]["time_frequency"]
     torch.save(state, out / "checkpoint.pt")
     assert top_and_bottom(checkpoint.build_model(checkpoint.load(out)))[0] == pytest.approx(1.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind, given, expected", [
+    ("points", [], "euler_fm"), ("points", ["--schedule", "cosine"], "simple_edm"),
+    ("points", ["--method", "fm"], "simple_edm"), ("points", ["--param", "simple_edm"], "simple_edm"),
+    ("images", [], "simple_edm"), ("images", ["--param", "euler_fm"], "euler_fm")])
+def test_the_parameterisation_defaults_to_euler_fm_for_points_on_fm(kind, given, expected):
+    """IMM on points with the fm schedule trains euler_fm maps (their few-step samples keep the data's width,
+    docs/few_step.md); images, other schedules and the baselines keep the paper's simple_edm unless asked."""
+    import train
+    args = train.parse_args(["--out", "unused", *given])
+    config = train.complete_config(train.training_config(args, None), SimpleNamespace(kind=kind),
+                                   torch.device("cpu"), world_size=1)
+    assert config["param"] == expected
 
 
 def run_config(out: Path) -> dict:
@@ -197,7 +212,7 @@ def test_class_conditional_images_with_guidance(tmp_path):
     result = run("evaluate.py", "--ckpt", out, "--samples", samples, "--classifier", classifier, "--n", 10,
                  "--sets", 2)
     assert "FD / floor" in result.stdout and "classes of digits" in result.stdout and "n = 10 x 2 sets" in result.stdout
-    assert [run_config(out)[key] for key in ("partner", "r_spacing")] == ["kernel", "eta"]  # the paper's, for images
+    assert [run_config(out)[key] for key in ("partner", "r_spacing", "param")] == ["kernel", "eta", "simple_edm"]
     row = json.loads((out / "metrics.json").read_text())["rows"]["digits"]
     assert sum(row["classes"]) == 20 and 0 <= row["label acc"] <= 1  # the histogram over both sets
 
@@ -562,6 +577,15 @@ def test_gaussian_study_smoke(tmp_path):
         assert len(chain) == steps and chain[0]["t"] == pytest.approx(0.994) and chain[-1]["s"] == 0
         assert all(a["s"] == b["t"] for a, b in zip(chain, chain[1:]))
     assert "the maps the 8-step pushforward applies" in result.stdout
+    # a finished run is measured again, unless a default has moved since it trained: then it trains again
+    import gaussian
+    folder, options = tmp_path / "v-seed0", ["--estimator", "v", "--seed", "0", "--iters", "20", "--batch", "128"]
+    assert gaussian.trained_as_now(folder, ["--data", "gaussian", "--out", str(folder), "--eval-every", "-1", *options])
+    state = load_checkpoint(folder)
+    state["config"]["param"] = "simple_edm"  # the default for points until 2026-12-04
+    torch.save(state, folder / "checkpoint.pt")
+    gaussian.train(folder, options)
+    assert load_checkpoint(folder)["config"]["param"] == "euler_fm"
 
 
 def test_map_error_scores_exact_and_widened_maps(tmp_path, monkeypatch):
