@@ -292,7 +292,7 @@ def trained_as_now(folder: Path, arguments: list[str]) -> bool:
     `arguments` today: a run from before a default moved is trained again, not measured as the new default."""
     if not (folder / "options.json").exists() or not (folder / "checkpoint.pt").exists():
         return False
-    import train
+    import train  # here, not at the top: this module's own train() and parse_args() hold those names there
     wanted = train.complete_config(train.training_config(train.parse_args(arguments), None),
                                    data.load("gaussian"), torch.device("cpu"), world_size=1)
     return checkpoint.load(folder)["config"] == wanted
